@@ -1,0 +1,69 @@
+"""Tiny configurations shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+
+from model import VideoTokenizer
+
+# Every unconditioned layer kind, twice compressed in time (f = 4) and once in space.
+ALL_UNCONDITIONED = (
+    "residual",
+    "compress_space",
+    "attend_space",
+    "compress_time",
+    "linear_attend_space",
+    "attend_time",
+    "gateloop_time",
+    ("consecutive_residual", 2),
+    "compress_time",
+)
+# Every conditioned kind, with unconditioned ones after them (the reference fed cond to those).
+ALL_CONDITIONED = (
+    "cond_residual",
+    "compress_space",
+    "cond_attend_space",
+    "residual",
+    "compress_time",
+    "cond_attend_time",
+    "cond_linear_attend_space",
+    "attend_space",
+)
+
+
+def tiny_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        image_size=16,
+        init_dim=8,
+        layers=("residual", "compress_space", "compress_time", "attend_space"),
+        codebook_size=64,
+        attn_dim_head=8,
+        attn_heads=2,
+        linear_attn_dim_head=4,
+        linear_attn_heads=2,
+        input_conv_kernel_size=(3, 3, 3),
+        perceptual_loss_weight=0.0,
+        use_gan=False,
+    )
+    kwargs.update(overrides)
+    # A small discriminator: the reference default (width = latent dim, up to 512) is slow.
+    kwargs.setdefault("discr_kwargs", dict(dim=2, image_size=kwargs["image_size"], max_dim=16))
+    return kwargs
+
+
+def tiny_tokenizer(seed: int = 0, **overrides) -> VideoTokenizer:
+    torch.manual_seed(seed)
+    return VideoTokenizer(**tiny_kwargs(**overrides))
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Perturbs every parameter: zero-initialised gates and gains would otherwise hide bugs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def video(batch: int = 2, frames: int = 9, size: int = 16, channels: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, frames, size, size, generator=generator).clamp(-1, 1)
