@@ -36,12 +36,6 @@ def gradient_penalty(inputs: Tensor, logits: Tensor) -> Tensor:
     return grads.float().flatten(1).norm(2, dim=1).pow(2).mean()
 
 
-def grad_norm_wrt(loss: Tensor, weight: Tensor) -> Tensor:
-    """||d loss / d weight||, detached, keeping the graph for the real backward pass."""
-    (grad,) = torch.autograd.grad(loss, weight, retain_graph=True)
-    return grad.detach().float().norm(2)
-
-
 def adaptive_adversarial_weight(
     perceptual_grad_norm: Tensor, adversarial_grad_norm: Tensor, *, max_weight: float = 1e3
 ) -> Tensor:

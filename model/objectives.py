@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from model.losses import (
     adaptive_adversarial_weight,
-    grad_norm_wrt,
     gradient_penalty,
     hinge_discr_loss,
     hinge_gen_loss,
@@ -85,77 +84,94 @@ def generator_loss(
     The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
     norm at the last decoder conv) when the perceptual loss is on and the model is training;
     otherwise the weight is 1, as in magvit2-pytorch.
+
+    The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
+    backpropagated to the reconstruction once, here, and their graphs freed; the returned total
+    carries that gradient as a linear term. Its value and its gradient are those of the plain
+    sum, but VGG and discriminator are not backpropagated twice (once for the adaptive weight,
+    once for the update) and their activations do not wait for the final backward pass.
     """
     config = model.config
-    adversarial_loss_weight = (
-        config.adversarial_loss_weight
-        if adversarial_loss_weight is None
-        else adversarial_loss_weight
-    )
-    multiscale_weight = (
-        config.multiscale_adversarial_loss_weight
-        if multiscale_adversarial_loss_weight is None
-        else multiscale_adversarial_loss_weight
+    adversarial_scale = _default(adversarial_loss_weight, config.adversarial_loss_weight)
+    multiscale_scale = _default(
+        multiscale_adversarial_loss_weight, config.multiscale_adversarial_loss_weight
     )
     recon = output.recon
+    differentiable = recon.requires_grad and torch.is_grad_enabled()
     zero = video.new_zeros((), dtype=torch.float32)
-    recon_loss = F.mse_loss(recon.float(), video.float())
 
-    perceptual_loss = zero
+    def value_and_grad(loss: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not differentiable:
+            return loss.detach(), None
+        (grad,) = torch.autograd.grad(loss, recon)  # frees the VGG / discriminator graph
+        return loss.detach(), grad
+
+    perceptual_loss, d_perceptual = zero, None
     if model.perceptual is not None:
         index = random_frame_index(video)  # the same frame of input and reconstruction
-        perceptual_loss = model.perceptual(take_frames(video, index), take_frames(recon, index))
+        perceptual_loss, d_perceptual = value_and_grad(
+            model.perceptual(take_frames(video, index), take_frames(recon, index))
+        )
 
-    use_gan = config.use_gan and model.discr is not None and adversarial_loss_weight > 0
-    use_multiscale = config.use_gan and multiscale_weight > 0 and len(model.multiscale_discrs) > 0
-    perceptual_norm = None
-    if model.training and model.perceptual is not None and (use_gan or use_multiscale):
-        perceptual_norm = grad_norm_wrt(perceptual_loss, model.last_decoder_weight)
-
-    gen_loss, adaptive_weight = zero, zero
-    multiscale_losses: list[Tensor] = []
-    multiscale_weights: list[Tensor] = []
+    use_gan = config.use_gan and model.discr is not None and adversarial_scale > 0
+    adversarial: list[tuple[Tensor, Tensor | None]] = []  # (loss, d loss / d recon)
+    scales: list[float] = []
     with frozen(model.discriminators()):
         if use_gan:
             fake = take_frames(recon, random_frame_index(recon))
-            gen_loss = hinge_gen_loss(model.discr(fake).float())
-            adaptive_weight = _adaptive_weight(model, perceptual_norm, gen_loss)
-        if use_multiscale:
+            adversarial.append(value_and_grad(hinge_gen_loss(model.discr(fake).float())))
+            scales.append(adversarial_scale)
+        if config.use_gan and multiscale_scale > 0:
             for discr in model.multiscale_discrs:
-                loss = hinge_gen_loss(discr(recon).float())
-                multiscale_losses.append(loss)
-                multiscale_weights.append(_adaptive_weight(model, perceptual_norm, loss))
+                adversarial.append(value_and_grad(hinge_gen_loss(discr(recon).float())))
+                scales.append(multiscale_scale)
 
-    total = (
-        recon_loss
-        + output.aux_loss * config.quantizer_aux_loss_weight
-        + perceptual_loss * config.perceptual_loss_weight
-        + gen_loss * adaptive_weight * adversarial_loss_weight
-    )
-    if multiscale_losses:
-        weighted = sum(
-            w * loss for w, loss in zip(multiscale_weights, multiscale_losses, strict=True)
-        )
-        total = total + weighted * multiscale_weight
+    weights = [torch.ones_like(zero) for _ in adversarial]
+    if model.training and d_perceptual is not None and adversarial:
+        perceptual_norm = _last_layer_grad_norm(model, recon, d_perceptual)
+        weights = [
+            adaptive_adversarial_weight(perceptual_norm, _last_layer_grad_norm(model, recon, g))
+            for _, g in adversarial
+        ]
+
+    recon_loss = F.mse_loss(recon.float(), video.float())
+    total = recon_loss + output.aux_loss * config.quantizer_aux_loss_weight
+    total = total + perceptual_loss * config.perceptual_loss_weight
+    for (loss, _), weight, scale in zip(adversarial, weights, scales, strict=True):
+        total = total + loss * weight * scale
+    if differentiable:
+        upstream = torch.zeros_like(recon, dtype=torch.float32)
+        if d_perceptual is not None:
+            upstream += config.perceptual_loss_weight * d_perceptual.float()
+        for (_, grad), weight, scale in zip(adversarial, weights, scales, strict=True):
+            upstream += (weight * scale) * grad.float()
+        linear = (recon.float() * upstream).sum()
+        total = total + (linear - linear.detach())  # adds the gradient, not the value
+
+    first_multiscale = 1 if use_gan else 0
     breakdown = LossBreakdown(
         recon_loss,
         output.aux_loss,
         output.quantizer_breakdown,
         perceptual_loss,
-        gen_loss,
-        adaptive_weight,
-        multiscale_losses,
-        multiscale_weights,
+        adversarial[0][0] if use_gan else zero,
+        weights[0] if use_gan else zero,
+        [loss for loss, _ in adversarial[first_multiscale:]],
+        weights[first_multiscale:],
     )
     return total, breakdown
 
 
-def _adaptive_weight(model: VideoTokenizer, perceptual_norm: Tensor | None, loss: Tensor) -> Tensor:
-    if perceptual_norm is None:
-        return torch.ones_like(loss)
-    return adaptive_adversarial_weight(
-        perceptual_norm, grad_norm_wrt(loss, model.last_decoder_weight)
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _last_layer_grad_norm(model: VideoTokenizer, recon: Tensor, grad_recon: Tensor) -> Tensor:
+    """||d loss / d W|| at the last decoder conv, from d loss / d recon (cheap: one layer)."""
+    (grad,) = torch.autograd.grad(
+        recon, model.last_decoder_weight, grad_outputs=grad_recon, retain_graph=True
     )
+    return grad.float().norm(2)
 
 
 def discriminator_loss(

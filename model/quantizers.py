@@ -84,25 +84,35 @@ class _MeanCodeProbabilities(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, bits: Tensor, block_rows: int) -> Tensor:
         # z: (rows, groups, D) logits; bits: (codes, D) in {0, 1}; returns (groups, codes)
+        if z.shape[0] <= block_rows:  # one block: keep it for backward instead of recomputing
+            probs = _block_probabilities(z, bits)
+            ctx.save_for_backward(z, bits, probs)
+            return probs.mean(dim=0)
         total = z.new_zeros(z.shape[1], bits.shape[0])
         for start in range(0, z.shape[0], block_rows):
-            block = z[start : start + block_rows]
-            total += _block_probabilities(block, bits).sum(dim=0)
+            total += _block_probabilities(z[start : start + block_rows], bits).sum(dim=0)
         ctx.save_for_backward(z, bits)
         ctx.block_rows = block_rows
         return total / z.shape[0]
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor):
-        z, bits = ctx.saved_tensors
-        grad_z = torch.empty_like(z)
+        z, bits, *kept = ctx.saved_tensors
         # d p(c)/d z_d = p(c) * (bit_cd - sigmoid(z_d))
-        for start in range(0, z.shape[0], ctx.block_rows):
-            block = z[start : start + ctx.block_rows]
-            weighted = _block_probabilities(block, bits) * grad_mean  # (n, groups, codes)
-            grad_block = weighted @ bits - weighted.sum(-1, keepdim=True) * torch.sigmoid(block)
-            grad_z[start : start + ctx.block_rows] = grad_block
+        if kept:
+            grad_z = _block_grad(z, bits, kept[0], grad_mean)
+        else:
+            grad_z = torch.empty_like(z)
+            for start in range(0, z.shape[0], ctx.block_rows):
+                block = z[start : start + ctx.block_rows]
+                probs = _block_probabilities(block, bits)
+                grad_z[start : start + ctx.block_rows] = _block_grad(block, bits, probs, grad_mean)
         return grad_z / z.shape[0], None, None
+
+
+def _block_grad(z: Tensor, bits: Tensor, probs: Tensor, grad_mean: Tensor) -> Tensor:
+    weighted = probs * grad_mean  # (n, groups, codes)
+    return weighted @ bits - weighted.sum(-1, keepdim=True) * torch.sigmoid(z)
 
 
 def _block_probabilities(z: Tensor, bits: Tensor) -> Tensor:

@@ -254,3 +254,60 @@ def test_from_config_builds_the_same_model():
     again.load_state_dict(model.state_dict())
     x = video(frames=5)
     assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+class VideoCritic(torch.nn.Module):
+    """A small multiscale discriminator on whole videos (users pass their own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, stride=2)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x).mean(dim=(2, 3, 4))).squeeze(-1)
+
+
+def _plain_generator_loss(model, x):
+    """The textbook formula, backpropagated as one sum: the adaptive weight from double
+    backward passes through VGG and discriminators, as magvit2-pytorch computes it."""
+    from model.losses import adaptive_adversarial_weight, hinge_gen_loss
+    from model.objectives import frozen, random_frame_index, take_frames
+
+    out = model.reconstruct(x)
+    weight = model.last_decoder_weight
+
+    def norm(loss):
+        return torch.autograd.grad(loss, weight, retain_graph=True)[0].norm()
+
+    index = random_frame_index(x)
+    perceptual = model.perceptual(take_frames(x, index), take_frames(out.recon, index))
+    with frozen(model.discriminators()):
+        fake = take_frames(out.recon, random_frame_index(out.recon))
+        gan = hinge_gen_loss(model.discr(fake))
+        multiscale = [hinge_gen_loss(d(out.recon)) for d in model.multiscale_discrs]
+    total = torch.mean((out.recon - x) ** 2) + out.aux_loss + 0.1 * perceptual
+    for loss in [gan, *multiscale]:
+        total = total + loss * adaptive_adversarial_weight(norm(perceptual), norm(loss))
+    return total
+
+
+def test_generator_loss_value_and_gradient_equal_the_plain_formula(vgg_weights):
+    model = tiny_tokenizer(use_gan=True, perceptual_loss_weight=0.1, vgg_weights=vgg_weights,
+                           image_size=32, multiscale_discrs=[VideoCritic()])
+    randomize_(model)
+    x = video(frames=5, size=32)
+    torch.manual_seed(3)
+    plain = _plain_generator_loss(model, x)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    total, breakdown = model(x, return_loss=True)
+    total.backward()
+    assert torch.allclose(total, plain, rtol=1e-5)
+    assert len(breakdown.multiscale_gen_losses) == 1 and breakdown.adaptive_adversarial_weight > 0
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name

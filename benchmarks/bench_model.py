@@ -1,0 +1,245 @@
+"""Generator and discriminator step of our tokenizer vs magvit2-pytorch 0.5.1, side by side.
+
+Same config, same input, same (random) VGG16 weights, in one run:
+- time: median of --repeats steps, the implementations interleaved step by step so that
+  machine noise hits all of them alike;
+- FLOPs of one step (torch.utils.flop_counter) and achieved GFLOP/s;
+- peak memory of one step, each measured in a fresh subprocess: the peak of live tensor memory
+  during the step above what was live before it (profiler memory timeline), and peak RSS.
+
+    python benchmarks/bench_model.py --out benchmarks/results/model.json
+
+Needs the bench extra (magvit2-pytorch). Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import VideoTokenizer  # noqa: E402
+from model.losses import vgg16_fc7_features  # noqa: E402
+
+LAYERS = ("residual", "compress_space", "residual", "compress_time", "attend_space", "residual")
+IMPLEMENTATIONS = ("reference", "ours", "ours+checkpointing")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--init-dim", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--skip-memory", action="store_true")
+    # internal: measure one (implementation, step) in this process and print JSON
+    parser.add_argument("--memory-of", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None)  # random weights: none are available offline
+    kwargs = dict(image_size=args.size, init_dim=args.init_dim, layers=LAYERS,
+                  codebook_size=args.codebook_size, use_gan=True, perceptual_loss_weight=0.1)
+    if impl == "reference":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from magvit2_pytorch import VideoTokenizer as ReferenceTokenizer
+        vgg.classifier = torch.nn.Sequential(*list(vgg.classifier)[:-2])
+        model = ReferenceTokenizer(**kwargs, vgg=vgg)
+    else:
+        model = VideoTokenizer(**kwargs, vgg=vgg16_fc7_features(copy.deepcopy(vgg)),
+                               gradient_checkpointing=impl.endswith("checkpointing"))
+    return model.train()
+
+
+def make_video(args: argparse.Namespace) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, 3, args.frames, args.size, args.size)
+    return torch.rand(shape, generator=generator) * 2 - 1
+
+
+def generator_step(model: torch.nn.Module, video: torch.Tensor) -> None:
+    loss, _ = model(video, return_loss=True)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def discriminator_step(model: torch.nn.Module, video: torch.Tensor, recon: torch.Tensor) -> None:
+    if isinstance(model, VideoTokenizer):
+        # What our trainer does: the discriminator sees the generator step's reconstruction.
+        loss, _ = model.discriminator_loss(video, recon)
+    else:
+        # The reference's only discriminator API runs the tokenizer again.
+        loss, _ = model(video, return_discr_loss=True)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step_fn(step: str, model: torch.nn.Module, video: torch.Tensor):
+    if step == "generator":
+        return lambda: generator_step(model, video)
+    with torch.no_grad():
+        recon = model(video).detach()
+    return lambda: discriminator_step(model, video, recon)
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every op that torch.utils.flop_counter knows (convolutions, matmuls, attention).
+
+    FlopCounterMode itself also tracks modules with backward hooks, which break
+    autograd.grad(create_graph=True) in the gradient penalty; the op counts are the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn) -> float:
+    with FlopCount() as counter:
+        fn()
+    return float(counter.flops)
+
+
+def measure_memory(impl: str, step: str, args: argparse.Namespace) -> dict:
+    """Peak of live tensor bytes during one step, above the bytes live before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, video = build(impl, args), make_video(args)
+    fn = step_fn(step, model, video)
+    fn()  # warm-up: lazily created state (VGG, optimizer-free grads) exists before measuring
+    rss_before = _rss_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(row) for row in sizes]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "peak_step_bytes": max(totals) - totals[0],
+        "peak_live_bytes": max(totals),
+        "peak_rss_bytes": peak_rss,
+        "rss_before_step_bytes": rss_before,
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_in_subprocess(impl: str, step: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--memory-of", impl, step, "--size", str(args.size),
+               "--frames", str(args.frames), "--batch", str(args.batch), "--init-dim",
+               str(args.init_dim), "--codebook-size", str(args.codebook_size),
+               "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps(measure_memory(*args.memory_of, args)))
+        return {}
+    video = make_video(args)
+    models = {impl: build(impl, args) for impl in IMPLEMENTATIONS}
+    results: dict = {
+        "config": {"layers": LAYERS, "size": args.size, "frames": args.frames,
+                   "batch": args.batch, "init_dim": args.init_dim,
+                   "codebook_size": args.codebook_size, "threads": args.threads,
+                   "perceptual": "VGG16 fc7 (random weights)", "gan": True},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu": platform.processor() or platform.machine(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "steps": {},
+    }
+    for step in ("generator", "discriminator"):
+        fns = {impl: step_fn(step, model, video) for impl, model in models.items()}
+        flops = {impl: count_flops(fn) for impl, fn in fns.items()}
+        times: dict[str, list[float]] = {impl: [] for impl in fns}
+        for _ in range(args.repeats):
+            for impl, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[impl].append(time.perf_counter() - start)
+        step_results = {}
+        for impl in fns:
+            median = statistics.median(times[impl])
+            step_results[impl] = {"seconds_median": median, "seconds_all": times[impl],
+                                  "gflop": flops[impl] / 1e9,
+                                  "gflop_per_s": flops[impl] / 1e9 / median}
+            if not args.skip_memory:
+                step_results[impl].update(memory_in_subprocess(impl, step, args))
+        reference = step_results["reference"]
+        for impl in ("ours", "ours+checkpointing"):
+            step_results[impl]["speedup_vs_reference"] = (
+                reference["seconds_median"] / step_results[impl]["seconds_median"])
+            if not args.skip_memory:
+                step_results[impl]["peak_step_memory_vs_reference"] = (
+                    step_results[impl]["peak_step_bytes"] / reference["peak_step_bytes"])
+        if not args.skip_memory:
+            step_results["ours+checkpointing"]["peak_step_memory_vs_ours"] = (
+                step_results["ours+checkpointing"]["peak_step_bytes"]
+                / step_results["ours"]["peak_step_bytes"])
+        results["steps"][step] = step_results
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    header = f"{'step':<14}{'impl':<20}{'median s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'speedup':>9}"
+    header += f"{'peak step MiB':>15}{'peak RSS MiB':>14}"
+    print(header)
+    for step, rows in results["steps"].items():
+        for impl, row in rows.items():
+            speedup = row.get("speedup_vs_reference")
+            line = (f"{step:<14}{impl:<20}{row['seconds_median']:>9.2f}{row['gflop']:>8.1f}"
+                    f"{row['gflop_per_s']:>9.1f}{(f'{speedup:.2f}x' if speedup else '-'):>9}")
+            if "peak_step_bytes" in row:
+                line += (f"{row['peak_step_bytes'] / 2**20:>15.0f}"
+                         f"{row['peak_rss_bytes'] / 2**20:>14.0f}")
+            print(line)
+
+
+if __name__ == "__main__":
+    main(parse_args())
