@@ -16,8 +16,8 @@ re-encoded images, and the source's own extension in passthrough mode.
 
 Decoded samples (the loader's contract with the trainer):
 
-- a video clip is ``(C, T, H, W)`` uint8 inside data-loader workers and across the worker
-  boundary; batches are ``(B, C, T, H, W)``;
+- a video clip is ``(C, T, H, W)`` uint8 across the data-loader worker boundary; batches are
+  ``(B, C, T, H, W)`` (the loader keeps the bytes channels-last, see ``pipeline.data_decode``);
 - an image is ``(C, H, W)`` uint8, batches ``(B, C, H, W)``;
 - on the training side pixels are float in ``[-1, 1]`` (``x / 127.5 - 1``).
 """
@@ -202,8 +202,10 @@ class Manifest:
         by_kind = {
             kind: sum(s.num_samples for s in self.shards if s.kind == kind) for kind in KINDS
         }
+        # A source cut short (full disk) is in both lists: it counts once, as skipped.
+        complete = sum(1 for s in self.sources if s.complete)
         return {
-            "num_inputs": len(self.sources) + len(self.skipped),
+            "num_inputs": complete + len(self.skipped),
             "num_sources": len(self.sources),
             "num_skipped": len(self.skipped),
             "num_shards": len(self.shards),

@@ -153,16 +153,17 @@ def partition(listing: Listing, num_nodes: int, node_rank: int) -> Listing:
 def node_from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
     """(node rank, number of nodes) from SLURM, or None outside SLURM.
 
-    A job array (``sbatch --array``) numbers nodes by array task; a multi-task job (``srun -n``)
-    by task id. This is the only place data_prep reads the cluster's environment.
+    In a job array (``sbatch --array=0-15``) the rank is the array task id itself, so a rerun of
+    some tasks (``--array=3,7`` with ``--num-nodes 16``) keeps their ranks; the node count is the
+    array's task count. In a multi-task job (``srun -n 16``) they are the task id and count.
+    This is the only place data_prep reads the cluster's environment.
     """
     if "SLURM_ARRAY_TASK_ID" in env:
-        low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
         if "SLURM_ARRAY_TASK_COUNT" in env:
             count = int(env["SLURM_ARRAY_TASK_COUNT"])
         else:
-            count = int(env["SLURM_ARRAY_TASK_MAX"]) - low + 1
-        return int(env["SLURM_ARRAY_TASK_ID"]) - low, count
+            count = int(env["SLURM_ARRAY_TASK_MAX"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
+        return int(env["SLURM_ARRAY_TASK_ID"]), count
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return None

@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (the SLURM allocation, a taskset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class RunError(Exception):
     """The run itself cannot go on (bad arguments, unwritable output); the message says the fix."""
 
@@ -44,7 +51,7 @@ class ShardConfig:
     output: str
     """Dataset folder for the shards and manifest.json; shared by all nodes."""
     clip: ClipConfig = field(default_factory=ClipConfig)
-    num_workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    num_workers: int = field(default_factory=lambda: available_cpus())
     """Worker processes on this node (one core each)."""
     num_nodes: int = 1
     node_rank: int = 0
@@ -93,6 +100,8 @@ class _WorkerState:
     """(source, first_clip) sent and not yet reported; the first one is being processed."""
     uncommitted: list = field(default_factory=list)
     """(source, first_clip) finished into a shard that is not committed yet."""
+    ready: bool = False
+    """Started up: a worker that dies before this is broken, not the file it was given."""
     finishing: bool = False
     """Told to commit its shards and exit."""
     done: bool = False
@@ -188,7 +197,7 @@ def run(config: ShardConfig) -> RunResult:
     write_part(config.output, manifest)
     merged = merge_parts(config.output)
     lock.close()
-    code = EXIT_OK if status.error is None else EXIT_INCOMPLETE
+    code = EXIT_OK if status.error is None else EXIT_USAGE if status.fatal else EXIT_INCOMPLETE
     return RunResult(merged, code, status.error or "", time.perf_counter() - start, status.clips)
 
 
@@ -203,6 +212,9 @@ def _size(path: str) -> int:
 class _Status:
     clips: int = 0
     error: str | None = None
+    """Why the run stopped early; sources it did not finish carry it as their skip reason."""
+    fatal: bool = False
+    """The run's own failure (exit 2) rather than a full disk (exit 3)."""
 
 
 class _Dispatcher:
@@ -214,6 +226,8 @@ class _Dispatcher:
         self.main_journal: Journal | None = None
 
     def run(self, num_sources: int) -> _Status:
+        if not self.queue:  # everything was done by earlier runs
+            return self.status
         num_workers = max(1, min(self.config.num_workers, len(self.queue)))
         workers = {i: _start_worker(self.config, i) for i in range(num_workers)}
         done_before = num_sources - len(self.queue)
@@ -251,13 +265,15 @@ class _Dispatcher:
         """Keeps two sources queued per worker so it never waits; then tells it to finish."""
         if worker.finishing:
             return
-        while len(worker.in_flight) < 2 and self.queue and self.status.error is None:
-            source, first_clip = self.queue.popleft()
-            worker.conn.send(("source", source, first_clip))
-            worker.in_flight.append((source, first_clip))
-        if not worker.in_flight and (not self.queue or self.status.error is not None):
-            worker.conn.send(("finish",))
-            worker.finishing = True
+        try:
+            while len(worker.in_flight) < 2 and self.queue and self.status.error is None:
+                worker.conn.send(("source", *self.queue[0]))
+                worker.in_flight.append(self.queue.popleft())
+            if not worker.in_flight and (not self.queue or self.status.error is not None):
+                worker.conn.send(("finish",))
+                worker.finishing = True
+        except OSError:  # the worker is dead; its end of the pipe reports that next
+            pass
 
     def _receive(self, worker_id: int, worker: _WorkerState, workers: dict) -> None:
         try:
@@ -266,11 +282,13 @@ class _Dispatcher:
             self._crashed(worker_id, worker, workers)
             return
         kind = message[0]
-        if kind == "clip":
+        if kind == "ready":
+            worker.ready = True
+        elif kind == "clip":
             self.status.clips += 1
             self.bar.update(1)
             return
-        if kind in ("done", "skip"):
+        elif kind in ("done", "skip"):
             source, first_clip = worker.in_flight.popleft()
             assert source.path == message[1], (source.path, message[1])
             if kind == "skip":
@@ -298,6 +316,7 @@ class _Dispatcher:
             )
         else:
             error = f"cannot write to {self.config.output} ({detail}); fix it and rerun to resume"
+            self.status.fatal = True
         self.status.error = self.status.error or error
         for source, _ in list(worker.in_flight) + worker.uncommitted:
             if source is not None:
@@ -310,6 +329,15 @@ class _Dispatcher:
         """A worker died (a decoder crash, the OOM killer): skip its file, redo its open shard."""
         worker.process.join(timeout=10)
         code = worker.process.exitcode
+        if not worker.ready:  # it never got to a file: retrying would fail the same way
+            self.status.error = self.status.error or (
+                f"a worker process failed to start (exit code {code}; its error is above). "
+                "Scripts that call data_prep.shard.run need an `if __name__ == '__main__':` guard"
+            )
+            self.status.fatal = True
+            self.queue.extendleft(reversed(worker.in_flight))
+            worker.done = True
+            return
         pending = [source for source, _ in worker.in_flight]
         if pending:
             reason = f"the worker died (exit code {code}) while processing this file"
@@ -353,7 +381,7 @@ def settings_from_args(args: argparse.Namespace) -> ShardConfig:
         inputs=tuple(args.inputs),
         output=args.output,
         clip=clip,
-        num_workers=args.workers or len(os.sched_getaffinity(0)),
+        num_workers=args.workers or available_cpus(),
         num_nodes=num_nodes,
         node_rank=node_rank,
         max_shard_samples=args.shard_samples,

@@ -72,7 +72,7 @@ def decode_frames(meta: SampleMeta, payload: bytes) -> tuple[int, int, int]:
         except Exception:  # decord 0.6.0 fails on some small widths and on Ogg: ask PyAV
             pass
     with av.open(io.BytesIO(payload)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)]
     return len(frames), *np.asarray(frames[0]).shape[:2]
 
 

@@ -138,8 +138,14 @@ class PyAVFrames(VideoFrames):
                 self.num_frames = self._next_index  # now known
                 raise EOFError from None
             if self._next_index in wanted:
+                # threads=1: swscale would start a thread per core for every frame, and the
+                # parallelism is already one worker process per core.
                 self._cache[self._next_index] = frame.to_ndarray(
-                    format="rgb24", width=self.width, height=self.height, interpolation="BILINEAR"
+                    format="rgb24",
+                    width=self.width,
+                    height=self.height,
+                    interpolation="BILINEAR",
+                    threads=1,
                 )
             self._next_index += 1
         return self._cropped(np.stack([self._cache[i] for i in indices]))

@@ -1,9 +1,10 @@
 """One sharding worker process: takes sources from its pipe, writes its own shards and journal.
 
-Messages to the parent (tuples): ``("clip",)`` per clip written, ``("done", path, num_clips,
-durable)`` when a source ends (``durable``: its finish is already in the journal),
-``("skip", path, reason)``, ``("commit", shard_entry, finished_paths)`` after a shard is renamed
-and journaled, ``("full", message)`` when the output is full, and ``("bye",)``.
+Messages to the parent (tuples): ``("ready",)`` once started; ``("clip",)`` per clip written;
+``("done", path, num_clips, durable)`` when a source ends (``durable``: its finish is already in
+the journal); ``("skip", path, reason)``; ``("commit", shard_entry, finished_paths)`` after a
+shard is renamed and journaled; ``("full", message)`` or ``("error", message)`` when writing
+fails; and ``("bye",)``.
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ def run_worker(settings: WorkerSettings, conn: Connection) -> None:
     """Process entry point (spawned)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the node
-    worker = Worker(settings, conn)
+    worker = None
     try:
+        worker = Worker(settings, conn)
+        conn.send(("ready",))
         while True:
             try:
                 message = conn.recv()
@@ -174,7 +177,8 @@ def run_worker(settings: WorkerSettings, conn: Connection) -> None:
             _, source, first_clip = message
             worker.process(source, first_clip)
     except Exception as exc:  # writing failed: the parent decides (full disk or unwritable)
-        worker.abort()
+        if worker is not None:
+            worker.abort()
         status = "full" if is_output_full(exc) else "error"
         try:
             conn.send((status, f"{type(exc).__name__}: {exc}"))

@@ -5,8 +5,8 @@ Per data-loader worker the stages are (``wds.DataPipeline``)::
     shard urls (train: resampled with a per-reader seed; eval: split by rank, then by worker)
       -> tar samples (an unreadable or truncated tar is counted, warned about and skipped)
       -> shuffle buffer (train)
-      -> decode only the sampled window from the in-memory mp4, crop, flip   uint8 (C, T, H, W)
-      -> batch                                                               uint8 (B, C, T, H, W)
+      -> decode only the sampled window from the in-memory mp4, crop, flip   uint8 (T, H, W, C)
+      -> batch                               uint8 (B, C, T, H, W), a view of (B, T, H, W, C)
       -> images and videos interleaved by ratio (train) or one after the other (eval)
       -> with_epoch(steps_per_epoch / workers) (train)
 
@@ -234,15 +234,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
 class Batch:
     kind: Kind
     uint8: torch.Tensor
-    """(B, C, T, H, W) for videos, (B, C, H, W) for images, uint8 in [0, 255]."""
+    """(B, C, T, H, W) for videos, (B, C, H, W) for images, uint8 in [0, 255]. A channels-last
+    view (the workers skip the transpose); ``pixels()`` returns a contiguous tensor."""
     keys: list[str]
     worker: int = 0
     """The data-loader worker that made the batch."""
 
     def pixels(self, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:
-        """The batch in [-1, 1]; moved first, so only uint8 travels to the device."""
+        """The batch in [-1, 1], contiguous. Moved first, so only uint8 travels to the device,
+        where the conversion and the transpose to channels-first happen together."""
         pixels = self.uint8 if device is None else self.uint8.to(device, non_blocking=True)
-        return to_float(pixels).to(dtype)
+        return to_float(pixels).to(dtype).contiguous()
 
 
 def _init_worker(_: int) -> None:
@@ -265,6 +267,7 @@ class ShardLoader:
         self.epoch = 0
         self.samples_seen = 0
         self.batches_seen = 0
+        self._in_epoch = False
         self._stats_before: Counter = Counter()
         """Worker counters of finished epochs (and of runs before a resume)."""
         self._stats_now: dict[int, dict[str, int]] = {}
@@ -276,6 +279,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
+            if self._in_epoch and self.config.mode == "train":
+                self.epoch += 1  # an earlier iterator stopped mid-epoch: never replay its start
             yield from self._one_epoch()
             if self.config.mode == "eval":
                 return
@@ -283,6 +288,8 @@ class ShardLoader:
 
     def _one_epoch(self) -> Iterator[Batch]:
         self.dataset.epoch = self.epoch
+        self._fold_stats()  # an abandoned epoch's counters too
+        self._in_epoch = True
         workers = self.config.num_workers
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -297,6 +304,10 @@ class ShardLoader:
             self.samples_seen += len(raw["keys"])
             self.batches_seen += 1
             yield Batch(raw["kind"], raw["pixels"], raw["keys"], raw["worker"])
+        self._in_epoch = False
+        self._fold_stats()
+
+    def _fold_stats(self) -> None:
         for counts in self._stats_now.values():
             self._stats_before.update(counts)
         self._stats_now = {}
@@ -329,3 +340,4 @@ class ShardLoader:
         self.batches_seen = int(state["batches_seen"])
         self._stats_before = Counter(state.get("stats", {}))
         self._stats_now = {}
+        self._in_epoch = False

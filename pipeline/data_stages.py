@@ -106,7 +106,7 @@ def decode_samples(
     rng: random.Random,
     stats: WorkerStats,
 ) -> Iterator[dict]:
-    """Raw tar samples -> {"pixels": uint8 (C, T, H, W) or (C, H, W), "key": str}; bad samples
+    """Raw tar samples -> {"pixels": uint8 (T, H, W, C) or (H, W, C), "key": str}; bad samples
     are counted and dropped."""
     for sample in samples:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -130,14 +130,11 @@ def decode_samples(
                     backend,
                     meta.fps,
                 )
-                pixels = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W)
             else:
-                pixels = torch.from_numpy(decode_image(payload)).permute(2, 0, 1)  # (C, H, W)
-            pixels = crop_to_square(pixels, size, crop, rng)
+                frames = decode_image(payload)
+            pixels = crop_to_square(frames, size, crop, rng)  # (T,) H, W, C
             if flip and rng.random() < 0.5:
-                pixels = pixels.flip(-1)
-            if kind == "video":
-                pixels = pixels.permute(1, 0, 2, 3)  # (C, T, H, W)
+                pixels = pixels.flip(-2)
         except TooShort as exc:
             stats.bad("bad_too_short", where, exc)
             continue
@@ -145,14 +142,18 @@ def decode_samples(
             stats.bad("bad_undecodable", where, exc)
             continue
         stats.good()
-        yield {"pixels": pixels.contiguous(), "key": sample["__key__"]}
+        yield {"pixels": pixels, "key": sample["__key__"]}
 
 
 def collate(samples: list[dict], *, kind: Kind, stats: WorkerStats, world: World) -> dict:
+    """Stacks a batch: the one copy of the pixels in the worker. The result has the shape
+    (B, C, T, H, W) or (B, C, H, W) with channels-last strides (see ``data_decode``)."""
     stats.counts["batches"] += 1
+    pixels = torch.stack([s["pixels"] for s in samples])  # (B, T, H, W, C) or (B, H, W, C)
+    channels_first = (0, 4, 1, 2, 3) if pixels.ndim == 5 else (0, 3, 1, 2)
     return {
         "kind": kind,
-        "pixels": torch.stack([s["pixels"] for s in samples]),  # (B, C, T, H, W) or (B, C, H, W)
+        "pixels": pixels.permute(*channels_first),  # (B, C, T, H, W) or (B, C, H, W)
         "keys": [s["key"] for s in samples],
         "stats": stats.snapshot(),
         "worker": world.worker_id,

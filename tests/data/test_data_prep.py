@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
+    REPO,
     decode_all,
     pattern_frames,
     psnr,
@@ -203,9 +206,9 @@ def test_list_inputs_and_partition(tmp_path):
     assert reasons == ["duplicate path", "not found"]
     owners = [node_of(s.path, 3) for s in listing.sources]
     assert owners == [node_of(s.path, 3) for s in listing.sources] and set(owners) <= {0, 1, 2}
-    assert node_from_env(
-        {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_MAX": "7"}
-    ) == (1, 4)
+    array = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
+    assert node_from_env(array) == (1, 4)
+    assert node_from_env({**array, "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "0"}) == (1, 4)
     assert node_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "8"}) == (2, 8)
     assert node_from_env({}) is None
 
@@ -264,3 +267,29 @@ def test_cli_errors_and_success(tmp_path, synthetic_sources):
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["totals"]["num_samples"] == 3 and manifest["settings"]["clip"]["size"] == 32
     assert sample_key(video, 0) in {s for s in read_samples(out)}
+
+
+def test_sbatch_script_runs_array_tasks(tmp_path, synthetic_sources):
+    """launch/shard.sbatch as two SLURM array tasks would run it: the manifest completes."""
+    folder = os.path.dirname(next(iter(synthetic_sources)))
+    out = str(tmp_path / "out")
+    for task in ("1", "0"):
+        env = dict(
+            os.environ,
+            SLURM_ARRAY_TASK_ID=task,
+            SLURM_ARRAY_TASK_COUNT="2",
+            PYTHON=sys.executable,
+            REPO=REPO,
+            WORKERS="1",
+            PYTHONPATH=REPO,
+        )
+        script = os.path.join(REPO, "launch", "shard.sbatch")
+        args = [folder, "--output", out, "--num-frames", "9", "--size", "32", "--no-progress"]
+        done = subprocess.run(
+            ["bash", script, *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"shard task {task}/2" in done.stderr
+    manifest = read_manifest(out)
+    assert manifest.complete and manifest.num_nodes == 2 and len(manifest.sources) == 7
+    assert verify(out).ok

@@ -75,3 +75,12 @@ def test_resume_continues_with_fresh_samples(synthetic_dataset):
     assert not torch.equal(pixels_resumed, pixels_first)
     # Same clip, different window/crop/flip: even repeated keys come out differently.
     assert not torch.equal(pixels_resumed, replay_pixels[6:])
+
+
+def test_reiterating_after_a_break_does_not_replay(synthetic_dataset):
+    loader = ShardLoader(_config(synthetic_dataset), World())
+    keys_first, _ = _run(loader, 2)  # stops inside epoch 0
+    samples_first = loader.stats["samples"]
+    keys_again, _ = _run(loader, 2)  # a new iterator: epoch 1, not epoch 0 again
+    assert loader.epoch == 1 and keys_again != keys_first
+    assert loader.samples_seen == 8 and loader.stats["samples"] > samples_first
