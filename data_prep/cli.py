@@ -125,6 +125,13 @@ def _add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         default=10**9,
         help="bytes per shard at most, e.g. 500M or 1G (default 1G)",
     )
+    run.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=600.0,
+        help="seconds without progress on one file before its worker is killed and the file "
+        "skipped (default %(default)s)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

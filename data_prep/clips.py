@@ -115,8 +115,8 @@ def file_sha256(path: str) -> str:
 def _check_readable(path: str) -> str:
     """SHA-256 of the file; ``SkipSource`` with the reason for the usual file-level failures."""
     try:
-        if os.path.isdir(path):
-            raise SkipSource("is a folder, not a file")
+        if not os.path.isfile(path):  # a folder, a FIFO, a device: nothing to decode
+            raise SkipSource("not a regular file")
         if os.path.getsize(path) == 0:
             raise SkipSource("empty file (0 bytes)")
         return file_sha256(path)

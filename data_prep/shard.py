@@ -30,7 +30,7 @@ from data_prep.writer import Journal, clean_uncommitted, journal_path, load_prog
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def available_cpus() -> int:
@@ -61,6 +61,8 @@ class ShardConfig:
     """... or once it holds this many bytes, whichever comes first."""
     progress: bool = True
     """Show a tqdm progress bar (clips/s) on stderr."""
+    stall_timeout_s: float = 600.0
+    """A worker silent this long on one file (a hung decoder) is killed and the file skipped."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -73,6 +75,8 @@ class ShardConfig:
             )
         if self.max_shard_samples < 1 or self.max_shard_bytes < 1:
             raise ValueError("max_shard_samples and max_shard_bytes must be positive")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
 
     def settings(self) -> dict:
         """What every node and every rerun must agree on (written to the manifest)."""
@@ -105,6 +109,9 @@ class _WorkerState:
     finishing: bool = False
     """Told to commit its shards and exit."""
     done: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+    """When it last reported (or was given work while idle): the stall watchdog's clock."""
+    stalled: bool = False
 
 
 def _prepare_output(config: ShardConfig) -> None:
@@ -177,28 +184,27 @@ def run(config: ShardConfig) -> RunResult:
     except InputError as exc:
         raise RunError(str(exc)) from exc
     _prepare_output(config)
-    lock = _lock_node(config)
-    mine = partition(listing, config.num_nodes, config.node_rank)
-    progress = load_progress(config.output, config.node_rank)
-    clean_uncommitted(config.output, config.node_rank, progress)
-    todo = [
-        (source, progress.clips.get(source.path, 0))
-        for source in mine.sources
-        if source.path not in progress.finished and source.path not in progress.skipped
-    ]
-    todo.sort(key=lambda item: -_size(item[0].path))  # big files first balance the workers
+    with _lock_node(config):
+        mine = partition(listing, config.num_nodes, config.node_rank)
+        progress = load_progress(config.output, config.node_rank)
+        clean_uncommitted(config.output, config.node_rank, progress)
+        todo = [
+            (source, progress.clips.get(source.path, 0))
+            for source in mine.sources
+            if source.path not in progress.finished and source.path not in progress.skipped
+        ]
+        todo.sort(key=lambda item: -_size(item[0].path))  # big files first balance the workers
 
-    reasons: dict[str, str] = {}
-    status = _Dispatcher(config, todo, reasons).run(len(mine.sources))
-    progress = load_progress(config.output, config.node_rank)
-    manifest = node_manifest(
-        mine, progress, reasons, config.settings(), config.num_nodes, config.node_rank
-    )
-    write_part(config.output, manifest)
-    merged = merge_parts(config.output)
-    lock.close()
-    code = EXIT_OK if status.error is None else EXIT_USAGE if status.fatal else EXIT_INCOMPLETE
-    return RunResult(merged, code, status.error or "", time.perf_counter() - start, status.clips)
+        reasons: dict[str, str] = {}
+        status = _Dispatcher(config, todo, reasons).run(len(mine.sources))
+        progress = load_progress(config.output, config.node_rank)
+        manifest = node_manifest(
+            mine, progress, reasons, config.settings(), config.num_nodes, config.node_rank
+        )
+        write_part(config.output, manifest)
+        merged = merge_parts(config.output)
+    elapsed = time.perf_counter() - start
+    return RunResult(merged, status.exit_code, status.error or "", elapsed, status.clips)
 
 
 def _size(path: str) -> int:
@@ -213,8 +219,11 @@ class _Status:
     clips: int = 0
     error: str | None = None
     """Why the run stopped early; sources it did not finish carry it as their skip reason."""
-    fatal: bool = False
-    """The run's own failure (exit 2) rather than a full disk (exit 3)."""
+    exit_code: int = EXIT_OK
+
+    def stop(self, error: str, exit_code: int) -> None:
+        if self.error is None:  # the first cause is the one to report
+            self.error, self.exit_code = error, exit_code
 
 
 class _Dispatcher:
@@ -243,12 +252,14 @@ class _Dispatcher:
             for worker in workers.values():
                 self._feed(worker)
             while any(not w.done for w in workers.values()):
-                ready = wait([w.conn for w in workers.values() if not w.done], timeout=5.0)
+                ready = wait([w.conn for w in workers.values() if not w.done], timeout=1.0)
                 for worker_id, worker in list(workers.items()):
                     if worker.conn in ready and not worker.done:
+                        worker.last_heard = time.monotonic()
                         self._receive(worker_id, worker, workers)
+                self._kill_stalled(workers)
         except KeyboardInterrupt:
-            self.status.error = "interrupted; rerun the same command to resume"
+            self.status.stop("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
             for worker in workers.values():
                 worker.process.kill()
         finally:
@@ -266,6 +277,8 @@ class _Dispatcher:
         if worker.finishing:
             return
         try:
+            if not worker.in_flight:
+                worker.last_heard = time.monotonic()  # idle until now: the clock starts here
             while len(worker.in_flight) < 2 and self.queue and self.status.error is None:
                 worker.conn.send(("source", *self.queue[0]))
                 worker.in_flight.append(self.queue.popleft())
@@ -308,16 +321,29 @@ class _Dispatcher:
             return
         self._feed(worker)
 
+    def _kill_stalled(self, workers: dict) -> None:
+        now = time.monotonic()
+        for worker in workers.values():
+            busy = worker.in_flight and not worker.done and not worker.stalled
+            if busy and now - worker.last_heard > self.config.stall_timeout_s:
+                logger.warning(
+                    "%s: no progress for %.0f s, killing its worker",
+                    worker.in_flight[0][0].path,
+                    now - worker.last_heard,
+                )
+                worker.stalled = True
+                worker.process.kill()  # its pipe reports EOF next: handled as a crash
+
     def _output_failed(self, worker: _WorkerState, kind: str, detail: str) -> None:
         if kind == "full":
             error = (
                 f"the output is full ({detail}); free space on {self.config.output} and "
                 "rerun the same command to resume"
             )
+            self.status.stop(error, EXIT_INCOMPLETE)
         else:
             error = f"cannot write to {self.config.output} ({detail}); fix it and rerun to resume"
-            self.status.fatal = True
-        self.status.error = self.status.error or error
+            self.status.stop(error, EXIT_USAGE)
         for source, _ in list(worker.in_flight) + worker.uncommitted:
             if source is not None:
                 self.reasons[source.path] = error
@@ -330,17 +356,19 @@ class _Dispatcher:
         worker.process.join(timeout=10)
         code = worker.process.exitcode
         if not worker.ready:  # it never got to a file: retrying would fail the same way
-            self.status.error = self.status.error or (
+            self.status.stop(
                 f"a worker process failed to start (exit code {code}; its error is above). "
-                "Scripts that call data_prep.shard.run need an `if __name__ == '__main__':` guard"
+                "Scripts that call data_prep.shard.run need an `if __name__ == '__main__':` guard",
+                EXIT_USAGE,
             )
-            self.status.fatal = True
             self.queue.extendleft(reversed(worker.in_flight))
             worker.done = True
             return
         pending = [source for source, _ in worker.in_flight]
         if pending:
             reason = f"the worker died (exit code {code}) while processing this file"
+            if worker.stalled:
+                reason = f"no progress for {self.config.stall_timeout_s:g} s (a hung decoder?)"
             logger.warning("%s: %s", pending[0].path, reason)
             if self.main_journal is None:
                 path = journal_path(self.config.output, self.config.node_rank, "main")
@@ -387,6 +415,7 @@ def settings_from_args(args: argparse.Namespace) -> ShardConfig:
         max_shard_samples=args.shard_samples,
         max_shard_bytes=args.shard_bytes,
         progress=not args.no_progress,
+        stall_timeout_s=args.stall_timeout,
     )
 
 
@@ -396,8 +425,9 @@ def summary(result: RunResult) -> str:
     for skip in result.manifest.skipped:
         key = re.split(r"[:(]", skip.reason)[0].strip()
         reasons[key] = reasons.get(key, 0) + 1
+    sharded = totals["num_inputs"] - totals["num_skipped"]
     lines = [
-        f"inputs {totals['num_inputs']}: {totals['num_sources']} sharded, "
+        f"inputs {totals['num_inputs']}: {sharded} sharded, "
         f"{totals['num_skipped']} skipped" + (f" {reasons}" if reasons else ""),
         f"samples {totals['num_samples']} ({totals['num_video_clips']} clips, "
         f"{totals['num_images']} images) in {totals['num_shards']} shards, "

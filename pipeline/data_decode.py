@@ -41,7 +41,7 @@ def decode_window(
     rng: random.Random,
     backend: Backend = "decord",
     fps: float | None = None,
-) -> np.ndarray:
+) -> torch.Tensor:
     """Decodes only the frames of one window: ``num_frames`` frames, ``frame_stride`` apart.
 
     Args:

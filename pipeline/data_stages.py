@@ -31,6 +31,7 @@ STAT_NAMES = (
     "bad_undecodable",
     "bad_too_short",
     "bad_missing_key",
+    "bad_metadata",
     "bad_wrong_kind",
     "bad_shard",
 )
@@ -113,8 +114,11 @@ def decode_samples(
         try:
             meta = SampleMeta.from_json(sample[META_KEY])
             payload = sample[meta.payload]
-        except (KeyError, ValueError) as exc:
+        except KeyError as exc:
             stats.bad("bad_missing_key", where, exc)
+            continue
+        except ValueError as exc:  # unparsable JSON or fields that are not SampleMeta's
+            stats.bad("bad_metadata", where, exc)
             continue
         if meta.kind != kind:
             stats.bad("bad_wrong_kind", where, ValueError(f"a {meta.kind} among {kind}s"))

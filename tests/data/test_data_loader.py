@@ -155,7 +155,7 @@ def test_bad_samples_are_counted_and_skipped(synthetic_dataset, tmp_path):
     assert keys == ["a", "a"]
     stats = loader.stats  # summed over the two workers
     assert stats["samples"] == 2 and stats["batches"] == 2
-    assert (stats["bad_missing_key"], stats["bad_undecodable"]) == (4, 2)
+    assert (stats["bad_missing_key"], stats["bad_metadata"], stats["bad_undecodable"]) == (2, 2, 2)
     assert (stats["bad_too_short"], stats["bad_wrong_kind"]) == (2, 2)
     assert key  # the good sample came from the real dataset
 

@@ -328,3 +328,33 @@ def test_worker_crash_skips_its_file_and_redoes_its_shard(tmp_path):
     assert set(clips.values()) == {1}
     assert sum(s.num_clips for s in manifest.sources) == len(samples)
     assert verify(str(out)).ok
+
+
+def test_stalled_worker_is_killed_and_its_file_skipped(tmp_path):
+    """A file the worker cannot get through (here: hashing 64 GB of a sparse file) is given up
+    after --stall-timeout; the other files are sharded and the run exits 0."""
+    folder = tmp_path / "in"
+    _make_sources(folder, 2, 18)
+    with open(folder / "huge.mp4", "wb") as f:
+        f.truncate(64 << 30)  # sparse: no disk used, but reading it takes minutes
+    result = run_cli(
+        [
+            "shard",
+            str(folder),
+            "--output",
+            str(tmp_path / "out"),
+            "--num-frames",
+            "9",
+            "--size",
+            "32",
+            "--workers",
+            "1",
+            "--stall-timeout",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert _reasons(manifest) == {"huge.mp4": "no progress for 2 s (a hung decoder?)"}
+    assert len(manifest.sources) == 2 and all(s.num_clips == 2 for s in manifest.sources)
