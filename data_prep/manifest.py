@@ -81,7 +81,9 @@ def merge_parts(directory: str) -> Manifest:
         ValueError: no parts, or parts made with different settings.
     """
     journal_dir = os.path.join(directory, JOURNAL_DIR)
-    names = sorted(n for n in os.listdir(journal_dir) if n.startswith("part-n"))
+    names = []
+    if os.path.isdir(journal_dir):
+        names = sorted(n for n in os.listdir(journal_dir) if n.startswith("part-n"))
     if not names:
         raise ValueError(f"{directory} has no manifest parts: no shard run has finished there")
     with open(os.path.join(journal_dir, "merge.lock"), "w") as lock:
