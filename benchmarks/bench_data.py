@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -178,14 +179,24 @@ def bench_parallel_ceiling(clips: list[bytes], repeats: int) -> dict:
     return result
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bench_data_prep(inputs: list[str], work: str, repeats: int) -> dict:
-    """(c) data_prep clips/s with 1 and 2 workers, interleaved so drifting load hits both."""
+    """(c) data_prep clips/s with 1 and 2 workers, interleaved so drifting load hits both. The
+    workers' CPU ms per clip shows whether a core got slower when both were busy."""
     rates: dict[int, list[float]] = {1: [], 2: []}
+    cpu_ms: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeats):
         for workers in rates:
+            cpu = children_cpu_s()
             seconds, clips = shard(inputs, os.path.join(work, f"shards{workers}"), workers)
             rates[workers].append(clips / seconds)
+            cpu_ms[workers].append((children_cpu_s() - cpu) / clips * 1e3)
     result = {f"workers_{w}": summary(r) for w, r in rates.items()}
+    result.update({f"workers_{w}_cpu_ms_per_clip": summary(c) for w, c in cpu_ms.items()})
     result["clips_per_run"] = clips
     result["scaling_2_vs_1"] = round(statistics.median(rates[2]) / statistics.median(rates[1]), 3)
     return result
