@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import pattern_frames, read_samples, shard, write_video
+from media import pattern_frames, read_samples, shard, write_video
 
 from data_prep.format import SampleMeta
 from pipeline.data import DataConfig, ShardLoader, resolve_shards
@@ -207,7 +207,7 @@ def test_window_decoding_seeks_to_the_right_frames(tmp_path, backend):
     of a full decode: seeking lands on the right frame with either backend."""
     import random
 
-    from conftest import decode_all
+    from media import decode_all
 
     from pipeline.data_decode import decode_window
 

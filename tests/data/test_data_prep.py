@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from media import (
     REPO,
     decode_all,
     pattern_frames,

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import REPO, pattern_frames, read_samples, real_videos, run_cli, shard, write_video
+from media import REPO, pattern_frames, read_samples, real_videos, run_cli, shard, write_video
 
 from data_prep.format import JOURNAL_DIR, read_manifest
 from data_prep.verify import verify
