@@ -1,0 +1,4 @@
+from data_prep.cli import cli
+
+if __name__ == "__main__":
+    cli()
