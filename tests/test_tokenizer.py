@@ -293,8 +293,13 @@ def _plain_generator_loss(model, x):
 
 
 def test_generator_loss_value_and_gradient_equal_the_plain_formula(vgg_weights):
-    model = tiny_tokenizer(use_gan=True, perceptual_loss_weight=0.1, vgg_weights=vgg_weights,
-                           image_size=32, multiscale_discrs=[VideoCritic()])
+    model = tiny_tokenizer(
+        use_gan=True,
+        perceptual_loss_weight=0.1,
+        vgg_weights=vgg_weights,
+        image_size=32,
+        multiscale_discrs=[VideoCritic()],
+    )
     randomize_(model)
     x = video(frames=5, size=32)
     torch.manual_seed(3)
@@ -311,3 +316,20 @@ def test_generator_loss_value_and_gradient_equal_the_plain_formula(vgg_weights):
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_export_round_trip(tmp_path):
+    from model.pretrained import load_pretrained, save_pretrained
+
+    model = tiny_tokenizer(use_gan=True, layers=("residual", "compress_space", "compress_time"))
+    randomize_(model)
+    save_pretrained(model, tmp_path / "export", metadata={"step": 3})
+    loaded = load_pretrained(tmp_path / "export")
+    assert loaded.discr is None and loaded.perceptual is None and not loaded.training
+    x = video(frames=5)
+    assert torch.equal(loaded.tokenize(x), model.tokenize(x))
+    assert not any(
+        name.startswith(".") for name in (p.name for p in (tmp_path / "export").iterdir())
+    )
+    with pytest.raises(ValueError, match="not a tokenizer export"):
+        load_pretrained(tmp_path)
