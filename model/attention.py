@@ -82,7 +82,9 @@ class SpaceAttention(Attention):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         b, c, t, h, w = x.shape
-        seq = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (b t) (h w) c
+        # contiguous for every t: with t = 1, reshape returns a strided view, on which norms and
+        # matmuls round differently, and a frame's result would depend on the video's length.
+        seq = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c).contiguous()  # (b t) (h w) c
         out = super().forward(seq, cond)
         return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # (b, c, t, h, w)
 
@@ -153,7 +155,7 @@ class LinearSpaceAttention(LinearAttention):
         if is_image:
             x = x.unsqueeze(2)
         b, c, t, h, w = x.shape
-        seq = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        seq = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c).contiguous()  # as SpaceAttention
         out = super().forward(seq, cond)
         out = out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         return out.squeeze(2) if is_image else out

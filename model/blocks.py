@@ -14,6 +14,12 @@ from model.conv import CausalConv3d, Conv3DMod
 from model.norm import AdaptiveRMSNorm, RMSNorm
 
 
+def _linear_per_row(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) as a product and a sum over the last axis. A GEMM with few rows (here one per
+    frame) rounds a row differently depending on the number of rows; this does not."""
+    return (x.unsqueeze(-2) * layer.weight).sum(dim=-1) + layer.bias
+
+
 class SqueezeExcite(nn.Module):
     """Global-context gating (GCNet, Cao et al. 2019): each frame is pooled with a learned
     spatial softmax, and the pooled vector gates the channels of that frame.
@@ -31,11 +37,15 @@ class SqueezeExcite(nn.Module):
         nn.init.constant_(self.out.bias, init_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, t, h, w = x.shape
-        flat = x.reshape(b, c, t, h * w)
-        logits = torch.einsum("bctn,c->btn", flat, self.to_k.weight[0]) + self.to_k.bias
-        context = torch.einsum("btn,bctn->btc", logits.softmax(dim=-1), flat)  # (b, t, c)
-        gates = torch.sigmoid(self.out(F.leaky_relu(self.hidden(context), 0.1)))
+        c = x.shape[1]
+        # A 1x1 conv and a reduction over the innermost axis rather than einsum: einsum's
+        # contraction plan (and so the rounding of a frame's result) changes with the number of
+        # frames, which chunked encoding must not notice.
+        logits = F.conv3d(x, self.to_k.weight.view(1, c, 1, 1, 1), self.to_k.bias)
+        weights = logits.flatten(3).softmax(dim=-1)  # (b, 1, t, h*w)
+        context = (x.flatten(3) * weights).sum(dim=-1).transpose(1, 2)  # (b, t, c)
+        hidden = F.leaky_relu(_linear_per_row(self.hidden, context), 0.1)
+        gates = torch.sigmoid(_linear_per_row(self.out, hidden))
         return x * gates.transpose(1, 2)[..., None, None]  # (b, c, t, 1, 1) gates
 
 
@@ -152,7 +162,13 @@ class GateLoopTime(nn.Module):
         self.gate_loop = GateLoop(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.step(x)[0]
+
+    def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The forward pass continued from `state` (the hidden state after the previous frames,
+        (b*h*w, c)); returns the output and the state after the last frame. Chunked encoding
+        (model/streaming.py) carries the state from one chunk to the next."""
         b, c, t, h, w = x.shape
         seq = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)
-        out, _ = self.gate_loop(seq)
-        return x + out.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
+        out, state = self.gate_loop(seq, state)
+        return x + out.view(b, h, w, t, c).permute(0, 4, 3, 1, 2), state

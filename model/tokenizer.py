@@ -30,6 +30,7 @@ from model.losses import PerceptualLoss
 from model.norm import ChannelLayerNorm
 from model.quantizers import QuantizerLossBreakdown, QuantizerOutput, build_quantizer
 from model.reference_api import config_from_reference_kwargs, reference_forward
+from model.streaming import decode_long, encode_long
 
 
 class TokenizerOutput(NamedTuple):
@@ -283,6 +284,9 @@ class VideoTokenizer(nn.Module):
                 f"got shape {tuple(quantized.shape)}"
             )
         cond = self._embed_cond(cond, self.decoder_cond_in, quantized.shape[0])
+        # The quantizers hand out channels-last views; kernels round differently per layout, so
+        # one layout keeps the result independent of the caller's (and of chunked decoding).
+        quantized = quantized.contiguous()
         x = self._run_layers(self.decoder_layers, self._decoder_takes_cond, quantized, cond)
         time_pad = self.time_downsample_factor - 1 if video_contains_first_frame else 0
         if self.conv_out_first_frame is not None and video_contains_first_frame:
@@ -353,6 +357,21 @@ class VideoTokenizer(nn.Module):
             return self.encode(video, quantize=True, cond=cond).codes
         finally:
             self.train(was_training)
+
+    def encode_long(
+        self, video: Tensor, chunk_frames: int, cond: Tensor | None = None, quantize: bool = True
+    ) -> Tensor:
+        """Codes (or, with quantize=False, latents) of a video of any length, encoded in chunks
+        of `chunk_frames` frames with memory set by the chunk; equal to whole-video encoding
+        (bit-identical on CPU). See model/streaming.py."""
+        return encode_long(self, video, chunk_frames, cond, quantize)
+
+    def decode_long(
+        self, codes_or_latents: Tensor, chunk_latent_frames: int, cond: Tensor | None = None
+    ) -> Tensor:
+        """Video from codes or quantized latents, decoded `chunk_latent_frames` latent frames at
+        a time; equal to `decode_from_code_indices` / `decode`. See model/streaming.py."""
+        return decode_long(self, codes_or_latents, chunk_latent_frames, cond)
 
     # Parameter groups: the trainer gives them to separate optimizers / DeepSpeed engines.
 

@@ -1,0 +1,274 @@
+"""Running one encoder/decoder layer on consecutive time chunks of its input, with the same
+result as one call on the whole sequence, bit for bit.
+
+Each layer kind carries what its causal dependence on the past needs:
+
+- layers with a finite causal reach (causal convs, residual units, conditioned residual units,
+  the strided time downsampler) keep the last few input frames and are fed them again in front of
+  the next chunk; the outputs that belong to those frames are dropped. The layer's own forward
+  runs unchanged, so its padding applies exactly where the whole-video call applies it (the first
+  chunk);
+- per-frame layers (space attention, linear space attention, spatial resampling, time upsampling,
+  norms) keep nothing;
+- the gate loop carries its hidden state (`GateLoopTime.step`);
+- causal time attention (`attend_time`, with its token shifts) keeps its input for the whole
+  sequence and is run at the whole sequence's length for every chunk, the frames not yet seen
+  left at zero (causal masking makes them invisible). Memory grows with the sequence for this
+  layer kind, and its compute per chunk is that of the whole sequence: that is the price of
+  bit-identical results, because `scaled_dot_product_attention` gives a row different last bits
+  when the query or key length changes.
+
+Bit-identical also needs every convolution of a chunk to run on the kernel the whole-video call
+would pick: on CPU, PyTorch chooses oneDNN or its native kernel from the input size (its time
+length included), and the two round differently. `WholeLengthConvs` asks PyTorch which kernel
+the whole-length input would get and calls that one. On CUDA the cuDNN algorithm is chosen per
+shape too and cannot be forced, so there results agree to rounding, not bit for bit.
+
+Legend: b batch, c channels, t frames (of the layer's own time resolution), h/w grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from model.blocks import CondResidualUnit, GateLoopTime, ResidualStack, ResidualUnit
+from model.conv import CausalConv3d
+from model.layers import SpaceMixingBlock, TimeMixingBlock
+from model.norm import ChannelLayerNorm
+from model.sampling import SpatialDownsample2x, SpatialUpsample2x, TimeDownsample2x, TimeUpsample2x
+
+logger = logging.getLogger(__name__)
+
+_select_backend = getattr(torch._C, "_select_conv_backend", None)
+_Backend = getattr(torch._C, "_ConvBackend", None)
+
+
+def _triple(value: int | tuple[int, ...] | list[int]) -> list[int]:
+    return [value] * 3 if isinstance(value, int) else list(value)
+
+
+def _conv3d_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, stride, padding, dilation, groups
+
+
+def _grouped_slow_conv3d(x: Tensor, weight: Tensor, bias, stride, padding, groups: int) -> Tensor:
+    # What PyTorch's native path does for groups > 1: one convolution per group, concatenated.
+    outs = []
+    for xg, wg, bg in zip(
+        x.chunk(groups, dim=1),
+        weight.chunk(groups, dim=0),
+        bias.chunk(groups) if bias is not None else [None] * groups,
+        strict=True,
+    ):
+        outs.append(torch._C._nn.slow_conv3d(xg, wg, list(wg.shape[2:]), bg, stride, padding))
+    return torch.cat(outs, dim=1)
+
+
+def conv3d_on_backend_for(extra_frames: int, *args, **kwargs) -> Tensor:
+    """conv3d computed by the kernel PyTorch would pick for an input `extra_frames` longer in
+    time (the whole-video call); every output frame is then bit-identical to that call's."""
+    x, weight, bias, stride, padding, dilation, groups = _conv3d_args(*args, **kwargs)
+    plain = torch.conv3d
+    if _select_backend is None or x.device.type != "cpu" or isinstance(padding, str):
+        return plain(*args, **kwargs)
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+
+    def backend(shape: torch.Size):
+        # An expanded scalar: the decision reads sizes, dtype and device, and allocates nothing.
+        probe = x.new_empty(1).expand(shape)
+        return _select_backend(
+            probe, weight, bias, stride, padding, dilation, False, [0, 0, 0], groups, None
+        )
+
+    whole_shape = torch.Size((*x.shape[:2], x.shape[2] + extra_frames, *x.shape[3:]))
+    wanted, here = backend(whole_shape), backend(x.shape)
+    if wanted == here:
+        return plain(*args, **kwargs)
+    if wanted == _Backend.Mkldnn:
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    if wanted == _Backend.Slow3d:
+        if groups == 1:
+            return torch._C._nn.slow_conv3d(
+                x, weight, list(weight.shape[2:]), bias, stride, padding
+            )
+        return _grouped_slow_conv3d(x, weight, bias, stride, padding, groups)
+    logger.warning("cannot run a chunk's conv3d on %s; it may differ in the last bits", wanted)
+    return plain(*args, **kwargs)
+
+
+class WholeLengthConvs(TorchFunctionMode):
+    """While active, every `conv3d` runs on the kernel the whole-sequence call would use, given
+    how many frames shorter than it the current call's input is (`whole_length`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra_frames = 0
+
+    @contextmanager
+    def whole_length(self, whole_frames: int, chunk_frames: int) -> Iterator[None]:
+        previous, self.extra_frames = self.extra_frames, whole_frames - chunk_frames
+        try:
+            yield
+        finally:
+            self.extra_frames = previous
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv3d and self.extra_frames:
+            return conv3d_on_backend_for(self.extra_frames, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class ChunkedLayer:
+    """One layer run chunk by chunk. `whole_frames` is the length of the layer's input for the
+    whole sequence (at the layer's time resolution); chunks must add up to at most that."""
+
+    def __init__(self, module: nn.Module, whole_frames: int, takes_cond: bool = False) -> None:
+        self.module = module
+        self.whole_frames = whole_frames
+        self.takes_cond = takes_cond
+        self.frames_done = 0
+
+    def _call(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        return self.module(x, cond) if self.takes_cond else self.module(x)
+
+    def __call__(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
+        num_frames = x.shape[2]
+        if self.frames_done + num_frames > self.whole_frames:
+            raise ValueError(
+                f"chunks add up to {self.frames_done + num_frames} frames at this layer, more "
+                f"than the {self.whole_frames} the whole sequence was announced to have"
+            )
+        out = self.forward(x, cond, convs)
+        self.frames_done += num_frames
+        return out
+
+    def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
+        raise NotImplementedError
+
+
+class OverlappedLayer(ChunkedLayer):
+    """A layer whose output frame depends on at most `history` earlier input frames: the last
+    `history` input frames are kept and fed again before the next chunk. With a time stride s,
+    `history` is a multiple of s and history / s leading outputs are dropped."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        whole_frames: int,
+        takes_cond: bool = False,
+        *,
+        history: int,
+        time_stride: int = 1,
+    ) -> None:
+        super().__init__(module, whole_frames, takes_cond)
+        assert history % time_stride == 0, (history, time_stride)
+        self.history = history
+        self.time_stride = time_stride
+        self.cache: Tensor | None = None
+
+    def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
+        if x.shape[2] % self.time_stride:
+            raise ValueError(
+                f"a chunk of {x.shape[2]} frames reached a layer that halves time: every chunk "
+                f"must hold a multiple of {self.time_stride} frames here"
+            )
+        # Contiguous, like the whole call's input: with one frame per chunk, reshapes inside the
+        # previous layer can return views, and some kernels round differently on those.
+        fed = x.contiguous() if self.cache is None else torch.cat((self.cache, x), dim=2)
+        # While the cache still holds everything since the start, the layer's own padding is
+        # the whole-video padding; later the dropped outputs absorb it.
+        with convs.whole_length(self.whole_frames, fed.shape[2]):
+            out = self._call(fed, cond)
+        if self.history:
+            self.cache = fed[:, :, -self.history :].clone()  # a copy: `fed` can be freed
+        return out[:, :, (fed.shape[2] - x.shape[2]) // self.time_stride :]
+
+
+class GateLoopLayer(ChunkedLayer):
+    """`gateloop_time`: the recurrence's hidden state is carried from chunk to chunk."""
+
+    def __init__(self, module: GateLoopTime, whole_frames: int) -> None:
+        super().__init__(module, whole_frames)
+        self.state: Tensor | None = None
+
+    def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
+        with convs.whole_length(self.whole_frames, x.shape[2]):
+            out, self.state = self.module.step(x.contiguous(), self.state)  # as OverlappedLayer
+        return out
+
+
+class FullLengthLayer(ChunkedLayer):
+    """`attend_time`: the layer's input is kept for the whole sequence (frames not seen yet stay
+    zero) and the layer runs at the whole length for every chunk; causal attention and token
+    shifts never read the zeros of later frames, so the chunk's rows equal the whole call's."""
+
+    def __init__(self, module: nn.Module, whole_frames: int, takes_cond: bool = False) -> None:
+        super().__init__(module, whole_frames, takes_cond)
+        self.inputs: Tensor | None = None
+
+    def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
+        start, end = self.frames_done, self.frames_done + x.shape[2]
+        if self.inputs is None:
+            b, c, _, h, w = x.shape
+            self.inputs = x.new_zeros(b, c, self.whole_frames, h, w)  # (b, c, T, h, w)
+        self.inputs[:, :, start:end] = x
+        return self._call(self.inputs, cond)[:, :, start:end]
+
+
+# Per-frame layers: nothing crosses a frame boundary.
+_PER_FRAME = (
+    SpaceMixingBlock,
+    SpatialDownsample2x,
+    SpatialUpsample2x,
+    TimeUpsample2x,
+    ChannelLayerNorm,
+    nn.Identity,
+)
+
+
+def _history(module: nn.Module) -> int | None:
+    """Earlier input frames one output frame of a finite-reach layer reads (None: not one)."""
+    if isinstance(module, CausalConv3d):
+        if module.conv.stride[0] != 1:
+            return None
+        return module.time_pad
+    if isinstance(module, ResidualUnit):
+        return _history(module.conv)
+    if isinstance(module, ResidualStack):
+        reaches = [_history(unit) for unit in module]
+        return None if None in reaches else sum(reaches)
+    if isinstance(module, CondResidualUnit):
+        return module.conv.time_pad[0]
+    return None
+
+
+def chunked_layer(module: nn.Module, whole_frames: int, takes_cond: bool = False) -> ChunkedLayer:
+    """The chunk runner for one encoder/decoder layer; ValueError for a layer kind that cannot
+    be run in chunks."""
+    kind = type(module)
+    if kind in _PER_FRAME:
+        return OverlappedLayer(module, whole_frames, takes_cond, history=0)
+    if kind is TimeMixingBlock:
+        return FullLengthLayer(module, whole_frames, takes_cond)
+    if kind is GateLoopTime:
+        return GateLoopLayer(module, whole_frames)
+    if kind is TimeDownsample2x:
+        # Causal reach: the conv's padding, plus two frames for the (optional) causal blur;
+        # rounded up to a whole frame pair, so the stride-2 windows keep their alignment.
+        reach = module.time_pad + (2 if module.blur is not None else 0)
+        return OverlappedLayer(module, whole_frames, history=reach + reach % 2, time_stride=2)
+    history = _history(module)
+    if history is None:
+        raise ValueError(
+            f"{kind.__name__} cannot be run in chunks: chunked encoding and decoding support "
+            "the layer kinds of model/layers.py (causal convs, residual units, space and time "
+            "attention, gate loops, space and time resampling)"
+        )
+    return OverlappedLayer(module, whole_frames, takes_cond, history=history)
