@@ -76,6 +76,17 @@ def load_pretrained(
         config = _inference_config(config)
     model = VideoTokenizer.from_config(config)
     weights = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
+    expected = model.state_dict()
+    misshapen = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the config"
+        for k, v in weights.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if misshapen:
+        raise ValueError(
+            f"{directory}: weights do not match the config in {CONFIG_NAME} (a checkpoint of "
+            f"another configuration?): {'; '.join(misshapen[:4])}"
+        )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith(("discr.", "multiscale_discrs."))]
     if missing or unexpected:

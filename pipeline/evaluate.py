@@ -1,0 +1,332 @@
+"""Evaluation on held-out shards: PSNR, SSIM, LPIPS (when its weights are on disk), codebook usage
+and perplexity, per clip and in total; a few real | reconstruction videos.
+
+    torchrun --nproc_per_node 8 -m pipeline.evaluate --checkpoint runs/base/export \\
+        --shards /data/heldout --out runs/base/eval
+
+Every rank reads its own shards once, in order (`ShardLoader` in eval mode); sums and code counts
+are reduced across ranks and rank 0 writes `clips.csv`, `summary.json` and `videos/*.mp4`. The
+trainer calls `evaluate(...)` at its evaluation interval and logs `EvalResult.scalars()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from data_prep.format import write_json_atomic
+from model import VideoTokenizer
+from pipeline.data import Batch, DataConfig, ShardLoader
+from pipeline.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    device_for,
+    init_distributed,
+    teardown,
+)
+from pipeline.inference import autocast_for, load_tokenizer
+from pipeline.mp4 import Mp4Writer
+from pipeline.quality import (
+    CodeHistogram,
+    load_lpips,
+    lpips_per_clip,
+    psnr_per_clip,
+    ssim_per_clip,
+    to_unit_range,
+)
+from pipeline.world import World
+
+logger = logging.getLogger(__name__)
+
+VideoWriter = Callable[[str, Tensor, Tensor], None]
+"""Called as writer(key, real, recon) with (C, T, H, W) clips in [0, 1], on rank 0."""
+
+
+@dataclass(frozen=True)
+class ClipScores:
+    key: str
+    psnr: float
+    ssim: float
+    lpips: float | None
+    num_frames: int
+
+
+@dataclass
+class EvalResult:
+    num_clips: int
+    psnr: float
+    """Mean over clips of the clip's PSNR (dB, frames in [0, 1])."""
+    ssim: float
+    lpips: float | None
+    """Mean LPIPS (AlexNet), None when unavailable (see lpips_note)."""
+    codebook_usage: float
+    """Share of codebook entries used at least once (mean over codebooks)."""
+    perplexity: float
+    """exp(entropy) of the code distribution over the whole evaluation."""
+    codebook_size: int
+    num_codebooks: int
+    clips: list[ClipScores] = field(default_factory=list)
+    """Every clip of every rank, sorted by key."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Samples the loader skipped, by reason (missing keys, undecodable, too short, ...)."""
+    lpips_note: str = ""
+
+    def scalars(self, prefix: str = "eval/") -> dict[str, float]:
+        """For TensorBoard: writer.add_scalar(name, value, step) for each item."""
+        values = {
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "codebook_usage": self.codebook_usage,
+            "perplexity": self.perplexity,
+            "num_clips": float(self.num_clips),
+        }
+        if self.lpips is not None:
+            values["lpips"] = self.lpips
+        return {prefix + k: v for k, v in values.items()}
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "clips"}
+        out["psnr_min"] = min((c.psnr for c in self.clips), default=math.nan)
+        return out
+
+
+class SideBySideWriter:
+    """Writes the first `max_videos` clips as `DIR/<key>.mp4`, real on the left."""
+
+    def __init__(self, directory: str | Path, max_videos: int = 4, fps: float = 8.0) -> None:
+        self.directory, self.max_videos, self.fps = Path(directory), max_videos, fps
+        self.written: list[Path] = []
+
+    def __call__(self, key: str, real: Tensor, recon: Tensor) -> None:
+        if len(self.written) >= self.max_videos:
+            return
+        both = torch.cat((real, recon), dim=-1)  # (c, t, h, 2w)
+        frames = both.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+        if frames.shape[-1] == 1:
+            frames = frames.expand(-1, -1, -1, 3)
+        with Mp4Writer(self.directory / f"{key}.mp4", self.fps) as writer:
+            writer.write(frames[..., :3].contiguous())
+        self.written.append(writer.path)
+
+
+def evaluate(
+    model: VideoTokenizer,
+    loader: Iterable[Batch],
+    world: World,
+    device: torch.device,
+    *,
+    max_batches: int | None = None,
+    video_writer: VideoWriter | None = None,
+    lpips_model: torch.nn.Module | None = None,
+    lpips_note: str = "",
+    autocast: bool = True,
+) -> EvalResult:
+    """One pass over `loader` (an eval-mode ShardLoader: every clip once across ranks);
+    collective, so every rank must call it. Restores the model's training mode.
+
+    Args:
+        model: the tokenizer (under DeepSpeed, the engine's `.module`), on `device`.
+        max_batches: stop each rank after this many batches (a quick check in training).
+        video_writer: called on rank 0 with clips for side-by-side videos.
+        lpips_model: from `pipeline.quality.load_lpips`; None leaves LPIPS out.
+        lpips_note: what to report about LPIPS (`LpipsStatus.note`).
+        autocast: bf16 autocast on CUDA (the quantizer stays fp32).
+    """
+    was_training = model.training
+    model.eval()
+    histogram = CodeHistogram(model.codebook_size, model.config.num_codebooks, device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, clips
+    rows: list[ClipScores] = []
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                video = batch.pixels(device)
+                if video.ndim == 4:  # images are one-frame clips
+                    video = video.unsqueeze(2)
+                with autocast_for(device, autocast):
+                    output = model.reconstruct(video)
+                histogram.add(output.codes)
+                real, recon = to_unit_range(video), to_unit_range(output.recon)  # (b, c, t, h, w)
+                psnr, ssim = psnr_per_clip(real, recon), ssim_per_clip(real, recon)
+                lpips = lpips_per_clip(lpips_model, real, recon) if lpips_model else 0 * psnr
+                count = psnr.new_tensor(float(len(psnr)))
+                totals += torch.stack((psnr.sum(), ssim.sum(), lpips.sum(), count)).double()
+                scores = zip(batch.keys, psnr.tolist(), ssim.tolist(), lpips.tolist(), strict=True)
+                for i, (key, *values) in enumerate(scores):
+                    if lpips_model is None:
+                        values[2] = None
+                    rows.append(ClipScores(key, *values, num_frames=video.shape[2]))
+                    if video_writer is not None and world.rank == 0:
+                        video_writer(key, real[i].cpu(), recon[i].cpu())
+    finally:
+        model.train(was_training)
+    all_reduce_sum(totals)
+    all_reduce_sum(histogram.counts)
+    stats = getattr(loader, "stats", {})
+    skipped = torch.tensor([stats.get(name, 0) for name in _SKIP_REASONS], device=device)
+    all_reduce_sum(skipped)
+    clips = sorted((c for part in all_gather_objects(rows) for c in part), key=lambda c: c.key)
+    num_clips = int(totals[3])
+    means = (totals[:3] / max(num_clips, 1)).tolist() if num_clips else [math.nan] * 3
+    return EvalResult(
+        num_clips=num_clips,
+        psnr=means[0],
+        ssim=means[1],
+        lpips=means[2] if lpips_model is not None and num_clips else None,
+        codebook_usage=histogram.usage(),
+        perplexity=histogram.perplexity(),
+        codebook_size=model.codebook_size,
+        num_codebooks=model.config.num_codebooks,
+        clips=clips,
+        skipped={k: v for k, v in zip(_SKIP_REASONS, skipped.tolist(), strict=True) if v},
+        lpips_note=lpips_note or ("computed" if lpips_model is not None else "not requested"),
+    )
+
+
+_SKIP_REASONS = (
+    "bad_missing_key",
+    "bad_metadata",
+    "bad_undecodable",
+    "bad_too_short",
+    "bad_wrong_kind",
+    "bad_shard",
+)
+
+
+def write_reports(result: EvalResult, out: Path, extra: dict) -> None:
+    """clips.csv (one row per clip) and summary.json, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".clips.csv.partial"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "psnr", "ssim", "lpips", "num_frames"])
+        for c in result.clips:
+            lpips = "" if c.lpips is None else f"{c.lpips:.6f}"
+            writer.writerow([c.key, f"{c.psnr:.6f}", f"{c.ssim:.6f}", lpips, c.num_frames])
+    tmp.replace(out / "clips.csv")
+    write_json_atomic(str(out / "summary.json"), {**result.summary(), **extra})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="export folder (or a training output folder with an export/ subfolder)",
+    )
+    parser.add_argument(
+        "--shards",
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_TAR",
+        help="video shards: dataset folders, tar paths, globs or brace patterns",
+    )
+    parser.add_argument("--image-shards", nargs="*", default=(), metavar="DIR_OR_TAR")
+    parser.add_argument("--out", type=Path, default=Path("eval"), help="report folder")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per batch per rank")
+    parser.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="frames per clip, 1 + k*f (default 17 where it fits)",
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    parser.add_argument("--crop", choices=("center", "resize"), default="center")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--max-batches", type=int, default=None, help="per rank")
+    parser.add_argument("--num-videos", type=int, default=4, help="side-by-side mp4s to write")
+    parser.add_argument("--lpips", choices=("auto", "off"), default="auto")
+    parser.add_argument(
+        "--lpips-weights",
+        default=None,
+        help="AlexNet ImageNet weights (default: the torch hub cache)",
+    )
+    parser.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA too")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    world = init_distributed()
+    try:
+        return _run(args, world)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+
+
+def _run(args: argparse.Namespace, world: World) -> int:
+    start = time.monotonic()
+    device = device_for(world)
+    model = load_tokenizer(args.checkpoint, device)
+    f = model.time_downsample_factor
+    num_frames = args.num_frames or (17 if 16 % f == 0 else 1 + f)
+    config = DataConfig(
+        video_shards=tuple(args.shards),
+        image_shards=tuple(args.image_shards),
+        num_frames=num_frames,
+        time_compression=f,
+        image_size=args.image_size or model.config.image_size,
+        crop=args.crop,
+        micro_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        mode="eval",
+        seed=0,
+    )
+    loader = ShardLoader(config, world)
+    lpips = load_lpips(device, args.lpips_weights) if args.lpips == "auto" else None
+    writer = None
+    if world.rank == 0 and args.num_videos > 0:
+        writer = SideBySideWriter(args.out / "videos", args.num_videos)
+    result = evaluate(
+        model,
+        loader,
+        world,
+        device,
+        max_batches=args.max_batches,
+        video_writer=writer,
+        lpips_model=lpips.model if lpips else None,
+        lpips_note=lpips.note if lpips else "off (--lpips off)",
+        autocast=not args.no_autocast,
+    )
+    if result.num_clips == 0:
+        raise ValueError(
+            f"no clip could be evaluated in {args.shards} (skipped: {result.skipped or 'all'}): "
+            "each sample needs a '<key>.json' member (data_prep/format.py SampleMeta) and its "
+            f"payload ('<key>.mp4'), with at least {num_frames} frames"
+        )
+    if result.skipped:
+        logger.warning("skipped samples: %s", result.skipped)
+    if world.rank == 0:
+        extra = {
+            "checkpoint": str(args.checkpoint),
+            "shards": list(args.shards),
+            "num_frames": num_frames,
+            "image_size": config.image_size,
+            "world_size": world.world_size,
+            "seconds": time.monotonic() - start,
+        }
+        write_reports(result, args.out, extra)
+        scalars = ", ".join(
+            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.scalars().items()
+        )
+        print(f"{scalars}; LPIPS: {result.lpips_note}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,233 @@
+"""Single-file commands of `python -m pipeline.tokenize`: a video file to a codes file and back.
+
+Both stream: frames are read, encoded and quantized one chunk at a time (`model.streaming`), and
+decoded frames are written to the mp4 as they come, so a video of any length fits in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+import torch
+
+from data_prep.token_format import CodesMeta, codes_dtype, load_codes, save_codes
+from data_prep.video_io import open_video
+from model import TokenizerConfig, VideoTokenizer
+from model.pretrained import WEIGHTS_NAME
+from model.streaming import (
+    StreamingDecoder,
+    StreamingEncoder,
+    check_chunk_frames,
+    chunk_bounds,
+    inference_mode,
+)
+from pipeline.data_decode import to_float, to_uint8
+from pipeline.distributed import device_for
+from pipeline.inference import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
+from pipeline.mp4 import Mp4Writer
+from pipeline.world import World
+
+logger = logging.getLogger(__name__)
+
+# Fields that decide what a code means; the others (losses, GAN, checkpointing) do not.
+_TRAINING_ONLY = {
+    "lfq_entropy_loss_weight",
+    "lfq_commitment_loss_weight",
+    "lfq_diversity_gamma",
+    "quantizer_aux_loss_weight",
+    "perceptual_loss_weight",
+    "vgg_weights",
+    "discriminator",
+    "use_gan",
+    "adversarial_loss_weight",
+    "grad_penalty_loss_weight",
+    "attn_dropout",
+    "multiscale_adversarial_loss_weight",
+    "flash_attn",
+    "gradient_checkpointing",
+}
+
+
+def architecture_differences(config: TokenizerConfig, recorded: dict) -> list[str]:
+    """Fields in which a codes file's tokenizer and `config` differ (training-only ones aside)."""
+    mine = config.to_dict()
+    try:
+        theirs = TokenizerConfig.from_dict(recorded).to_dict()
+    except (TypeError, ValueError) as exc:
+        return [f"unreadable tokenizer config ({exc})"]
+    return [
+        f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} in the checkpoint"
+        for k in sorted(mine)
+        if k not in _TRAINING_ONLY and theirs.get(k) != mine[k]
+    ]
+
+
+def encode_file(
+    model: VideoTokenizer,
+    source: str,
+    output: str,
+    *,
+    chunk_frames: int,
+    size: int | None = None,
+    crop: bool = True,
+    max_frames: int | None = None,
+    checkpoint_sha256: str = "",
+) -> CodesMeta:
+    """Encodes a video file into a codes file, `chunk_frames` frames at a time."""
+    f = model.time_downsample_factor
+    check_chunk_frames(chunk_frames, f)
+    size = size or model.config.image_size
+    device = next(model.parameters()).device
+    with open_video(source, size, size if crop else None) as reader:
+        total = reader.num_frames if reader.num_frames is not None else reader.count_frames()
+        num_frames = usable_frames(min(total, max_frames or total), f)
+        if num_frames < 1:
+            raise ValueError(f"{source}: no frames to encode")
+        height = size if crop else reader.height
+        width = size if crop else reader.width
+        s = model.config.space_downsample_factor
+        if height % s or width % s:
+            raise ValueError(
+                f"{source}: frames of {width}x{height} after resizing; the tokenizer needs sides "
+                f"divisible by {s}: keep the center crop or pass another --size"
+            )
+        codes: list[torch.Tensor] = []
+        with inference_mode(model):
+            encoder = StreamingEncoder(model, num_frames)
+            for start, end in chunk_bounds(num_frames, chunk_frames):
+                try:
+                    frames = torch.from_numpy(reader.read(list(range(start, end))))
+                except EOFError:  # the container promised more frames than it holds
+                    logger.warning("%s ends after frame %d of %d", source, start, num_frames)
+                    num_frames = start
+                    break
+                video = to_float(frames.to(device)).permute(3, 0, 1, 2)[None]  # (1, C, n, H, W)
+                codes.append(model.quantizer(encoder.encode(video.contiguous())).codes[0].cpu())
+        fps = reader.fps
+    array = torch.cat(codes).numpy().astype(codes_dtype(model.codebook_size))
+    meta = CodesMeta(
+        tokenizer=model.config.to_dict(),
+        checkpoint_sha256=checkpoint_sha256,
+        shape=list(array.shape),
+        dtype=str(array.dtype),
+        num_frames=num_frames,
+        fps=fps,
+        frame_height=height,
+        frame_width=width,
+        source=str(source),
+    )
+    save_codes(output, array, meta)
+    return meta
+
+
+def decode_file(
+    model: VideoTokenizer,
+    source: str,
+    output: str,
+    *,
+    chunk_latent_frames: int,
+    fps: float | None = None,
+    checkpoint_sha256: str = "",
+) -> int:
+    """Decodes a codes file into an mp4, `chunk_latent_frames` latent frames at a time; returns
+    the number of frames written."""
+    array, meta = load_codes(source)
+    differences = architecture_differences(model.config, meta.tokenizer)
+    if differences:
+        raise ValueError(
+            f"{source} was made by a tokenizer of another configuration: "
+            + "; ".join(differences[:6])
+        )
+    if checkpoint_sha256 and meta.checkpoint_sha256 not in ("", checkpoint_sha256):
+        logger.warning(
+            "%s was encoded with other weights (%s...) than this checkpoint's",
+            source,
+            meta.checkpoint_sha256[:12],
+        )
+    codes = model._check_codes(torch.from_numpy(array.astype(np.int64))[None])  # (1, t, h, w...)
+    if chunk_latent_frames < 1:
+        raise ValueError(f"chunk_latent_frames must be >= 1, got {chunk_latent_frames}")
+    device = next(model.parameters()).device
+    num_latent = codes.shape[1]
+    with inference_mode(model), Mp4Writer(output, fps or meta.fps) as writer:
+        decoder = StreamingDecoder(model, num_latent)
+        for start in range(0, num_latent, chunk_latent_frames):
+            chunk = codes[:, start : start + chunk_latent_frames].to(device)
+            video = decoder.decode(model.quantizer.indices_to_codes(chunk))  # (1, C, n, H, W)
+            writer.write(to_uint8(video[0].permute(1, 2, 3, 0).clamp(-1, 1)))
+    return writer.num_frames
+
+
+def parse_file_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize")
+    commands = parser.add_subparsers(dest="command", required=True)
+    enc = commands.add_parser("encode-file", help="video file -> codes file (.npz/.safetensors)")
+    enc.add_argument("input")
+    enc.add_argument("output", help="codes file: .npz or .safetensors")
+    enc.add_argument("--checkpoint", required=True)
+    enc.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=None,
+        help="frames per chunk, a multiple of the time compression (default 4 "
+        "latent frames' worth)",
+    )
+    enc.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="short side after resizing (default: the model's image size)",
+    )
+    enc.add_argument(
+        "--no-crop",
+        action="store_true",
+        help="keep the whole resized frame instead of a center square",
+    )
+    enc.add_argument("--max-frames", type=int, default=None)
+    dec = commands.add_parser("decode-file", help="codes file -> mp4")
+    dec.add_argument("input", help="codes file: .npz or .safetensors")
+    dec.add_argument("output", help=".mp4")
+    dec.add_argument("--checkpoint", required=True)
+    dec.add_argument("--chunk-latent-frames", type=int, default=4)
+    dec.add_argument("--fps", type=float, default=None, help="default: the source's")
+    return parser.parse_args(argv)
+
+
+def run_file_command(args: argparse.Namespace) -> int:
+    try:
+        device = device_for(World())
+        model = load_tokenizer(args.checkpoint, device)
+        sha = file_sha256(resolve_export_dir(args.checkpoint) / WEIGHTS_NAME)
+        if args.command == "encode-file":
+            chunk = args.chunk_frames or 4 * model.time_downsample_factor
+            meta = encode_file(
+                model,
+                args.input,
+                args.output,
+                chunk_frames=chunk,
+                size=args.size,
+                crop=not args.no_crop,
+                max_frames=args.max_frames,
+                checkpoint_sha256=sha,
+            )
+            print(
+                f"{args.output}: codes {meta.dtype} {tuple(meta.shape)} from {meta.num_frames} "
+                f"frames of {meta.frame_width}x{meta.frame_height}"
+            )
+        else:
+            count = decode_file(
+                model,
+                args.input,
+                args.output,
+                chunk_latent_frames=args.chunk_latent_frames,
+                fps=args.fps,
+                checkpoint_sha256=sha,
+            )
+            print(f"{args.output}: {count} frames")
+        return 0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
