@@ -11,12 +11,13 @@ Each layer kind carries what its causal dependence on the past needs:
 - per-frame layers (space attention, linear space attention, spatial resampling, time upsampling,
   norms) keep nothing;
 - the gate loop carries its hidden state (`GateLoopTime.step`);
-- causal time attention (`attend_time`, with its token shifts) keeps its input for the whole
-  sequence and is run at the whole sequence's length for every chunk, the frames not yet seen
-  left at zero (causal masking makes them invisible). Memory grows with the sequence for this
-  layer kind, and its compute per chunk is that of the whole sequence: that is the price of
-  bit-identical results, because `scaled_dot_product_attention` gives a row different last bits
-  when the query or key length changes.
+- causal time attention (`attend_time`) keeps its attention input for the whole sequence and
+  runs the attention at the whole sequence's length for every chunk, the frames not yet seen
+  left at zero (causal masking makes them invisible); its token shifts carry one frame and its
+  feed-forward runs on the chunk. Memory grows with the sequence for this layer kind (its input,
+  queries, keys and values at latent resolution), and its attention compute per chunk is that
+  of the whole sequence: the price of bit-identical results, because
+  `scaled_dot_product_attention` rounds a row differently when the query or key length changes.
 
 Bit-identical also needs every convolution of a chunk to run on the kernel the whole-video call
 would pick: on CPU, PyTorch chooses oneDNN or its native kernel from the input size (its time
@@ -204,22 +205,40 @@ class GateLoopLayer(ChunkedLayer):
         return out
 
 
-class FullLengthLayer(ChunkedLayer):
-    """`attend_time`: the layer's input is kept for the whole sequence (frames not seen yet stay
-    zero) and the layer runs at the whole length for every chunk; causal attention and token
-    shifts never read the zeros of later frames, so the chunk's rows equal the whole call's."""
+def token_shift_continued(x: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`token_shift` of a chunk, given the shifted half of the previous chunk's last frame
+    (None: the start, zeros); returns the result and this chunk's last shifted-half frame."""
+    keep, shift = x.chunk(2, dim=1)
+    before = torch.zeros_like(shift[:, :, :1]) if previous is None else previous
+    shifted = torch.cat((before, shift[:, :, :-1]), dim=2)
+    return torch.cat((keep, shifted), dim=1), shift[:, :, -1:].clone()
 
-    def __init__(self, module: nn.Module, whole_frames: int, takes_cond: bool = False) -> None:
+
+class TimeMixingLayer(ChunkedLayer):
+    """`attend_time` (`TimeMixingBlock`): x + attn(shift(x)), then x + ff(shift(x)).
+
+    The token shifts carry one frame. The attention keeps its input for the whole sequence
+    (frames not seen yet stay zero) and runs at the whole length for every chunk: causal masking
+    never lets a row read a later frame, so the chunk's rows equal the whole call's, bit for bit.
+    This layer's memory and compute per chunk therefore grow with the sequence.
+    """
+
+    def __init__(self, module: TimeMixingBlock, whole_frames: int, takes_cond: bool) -> None:
         super().__init__(module, whole_frames, takes_cond)
-        self.inputs: Tensor | None = None
+        self.attn_inputs: Tensor | None = None
+        self.last_frames: list[Tensor | None] = [None, None]  # before attn, before ff
 
     def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
-        start, end = self.frames_done, self.frames_done + x.shape[2]
-        if self.inputs is None:
+        block, start, end = self.module, self.frames_done, self.frames_done + x.shape[2]
+        shifted, self.last_frames[0] = token_shift_continued(x, self.last_frames[0])
+        if self.attn_inputs is None:
             b, c, _, h, w = x.shape
-            self.inputs = x.new_zeros(b, c, self.whole_frames, h, w)  # (b, c, T, h, w)
-        self.inputs[:, :, start:end] = x
-        return self._call(self.inputs, cond)[:, :, start:end]
+            self.attn_inputs = x.new_zeros(b, c, self.whole_frames, h, w)  # (b, c, T, h, w)
+        self.attn_inputs[:, :, start:end] = shifted
+        x = x + block.attn(self.attn_inputs, cond)[:, :, start:end]
+        shifted, self.last_frames[1] = token_shift_continued(x, self.last_frames[1])
+        with convs.whole_length(self.whole_frames, x.shape[2]):
+            return x + block.ff(shifted, cond)
 
 
 # Per-frame layers: nothing crosses a frame boundary.
@@ -256,7 +275,7 @@ def chunked_layer(module: nn.Module, whole_frames: int, takes_cond: bool = False
     if kind in _PER_FRAME:
         return OverlappedLayer(module, whole_frames, takes_cond, history=0)
     if kind is TimeMixingBlock:
-        return FullLengthLayer(module, whole_frames, takes_cond)
+        return TimeMixingLayer(module, whole_frames, takes_cond)
     if kind is GateLoopTime:
         return GateLoopLayer(module, whole_frames)
     if kind is TimeDownsample2x:

@@ -1,0 +1,325 @@
+"""Encoding speed of our tokenizer vs magvit2-pytorch 0.5.1's `tokenize`, and the memory of
+any-length (chunked) encoding as the video grows.
+
+Speed: the same config, the same weights (the reference's, converted) and the same input, the
+implementations interleaved run by run, medians of --repeats runs, in clips/s:
+- reference: `tokenize(video)` as magvit2-pytorch offers it (it keeps the autograd graph);
+- reference-no-grad: the same under `torch.no_grad()`;
+- ours-quirks: `tokenize` with `reference_quirks=True` (identical numerics; the codes are
+  checked to be equal);
+- ours: `tokenize` with the default settings.
+
+Memory: for each video length, in a fresh subprocess, the peak of live tensor bytes during one
+encode above what was live before it (the input video), from the profiler's memory timeline,
+and the process's peak RSS: whole-video `encode` vs `encode_long(video, chunk_frames)`. Run
+once with the speed config and once with `attend_time` added (whose exact chunked form keeps
+that layer's input for the whole video).
+
+    python benchmarks/bench_encode.py --out benchmarks/results/encode.json
+
+Needs the bench extra (magvit2-pytorch). Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import VideoTokenizer  # noqa: E402
+from model.convert import load_reference_checkpoint  # noqa: E402
+
+PRESETS = {
+    # Convolution-heavy: residual stacks with one space attention (bench_model.py's kind).
+    "convs": (
+        "residual",
+        "compress_space",
+        ("consecutive_residual", 2),
+        "compress_time",
+        "attend_space",
+        "residual",
+        "compress_time",
+        "residual",
+    ),
+    # Every unconditioned layer kind.
+    "every-kind": (
+        "residual",
+        "compress_space",
+        "attend_space",
+        "compress_time",
+        "linear_attend_space",
+        "attend_time",
+        "gateloop_time",
+        ("consecutive_residual", 2),
+        "compress_time",
+    ),
+}
+MEMORY_PRESET = "convs"
+IMPLEMENTATIONS = ("reference", "reference-no-grad", "ours-quirks", "ours")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--init-dim", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--memory-frames", type=int, nargs="*", default=[33, 65, 129, 257])
+    parser.add_argument("--chunk-frames", type=int, default=16)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    # internal: measure one (variant, mode, frames) in this process and print JSON
+    parser.add_argument(
+        "--memory-of", nargs=3, metavar=("VARIANT", "MODE", "FRAMES"), help=argparse.SUPPRESS
+    )
+    return parser.parse_args(argv)
+
+
+def model_kwargs(args: argparse.Namespace, layers: tuple) -> dict:
+    return dict(
+        image_size=args.size,
+        init_dim=args.init_dim,
+        layers=layers,
+        codebook_size=args.codebook_size,
+        use_gan=False,
+        perceptual_loss_weight=0.0,
+    )
+
+
+def perturb_(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random offsets on every weight: zero-initialised gates would hide work and mismatches."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def build_models(args: argparse.Namespace, layers: tuple) -> dict[str, torch.nn.Module]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from magvit2_pytorch import VideoTokenizer as ReferenceTokenizer
+    torch.manual_seed(0)
+    reference = ReferenceTokenizer(**model_kwargs(args, layers))
+    perturb_(reference)
+    quirks = VideoTokenizer(**model_kwargs(args, layers), reference_quirks=True)
+    load_reference_checkpoint(quirks, reference.state_dict())
+    ours = VideoTokenizer(**model_kwargs(args, layers))
+    with warnings.catch_warnings():  # "outputs will differ": the point of the default settings
+        warnings.simplefilter("ignore")
+        load_reference_checkpoint(ours, reference.state_dict())
+    return {"reference": reference.eval(), "ours-quirks": quirks.eval(), "ours": ours.eval()}
+
+
+def make_video(batch: int, frames: int, size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, frames, size, size, generator=generator) * 2 - 1
+
+
+def speed(args: argparse.Namespace, layers: tuple) -> dict:
+    models = build_models(args, layers)
+    video = make_video(args.batch, args.frames, args.size)
+
+    def reference_no_grad():
+        with torch.no_grad():
+            return models["reference"].tokenize(video)
+
+    fns = {
+        "reference": lambda: models["reference"].tokenize(video),
+        "reference-no-grad": reference_no_grad,
+        "ours-quirks": lambda: models["ours-quirks"].tokenize(video),
+        "ours": lambda: models["ours"].tokenize(video),
+    }
+    codes = {impl: fn() for impl, fn in fns.items()}  # warm-up, and the equality check
+    same = torch.equal(codes["ours-quirks"], codes["reference-no-grad"].long())
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
+    for _ in range(args.repeats):
+        for impl, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - start)
+    rows = {}
+    for impl in fns:
+        median = statistics.median(times[impl])
+        rows[impl] = {
+            "seconds_median": median,
+            "clips_per_s": args.batch / median,
+            "seconds_all": times[impl],
+        }
+    for impl in ("ours-quirks", "ours"):
+        for base in ("reference", "reference-no-grad"):
+            rows[impl][f"speedup_vs_{base}"] = (
+                rows[base]["seconds_median"] / rows[impl]["seconds_median"]
+            )
+    return {"rows": rows, "ours_quirks_codes_equal_reference": same}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_since_reset(reset: bool = False) -> int:
+    """VmHWM, the peak RSS; `reset` restarts it from the current RSS (ru_maxrss cannot be
+    reset, and a child inherits its parent's across exec)."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def measure_memory(variant: str, mode: str, frames: int, args: argparse.Namespace) -> dict:
+    """Peak live tensor bytes of one encode above the bytes live before it (profiler), and the
+    process's peak RSS over an unprofiled run (model, input and all)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layers = PRESETS[MEMORY_PRESET]
+    layers = (*layers, "attend_time") if variant == "with-attend-time" else layers
+    torch.manual_seed(0)
+    model = VideoTokenizer(**model_kwargs(args, layers)).eval()
+    video = make_video(1, frames, args.size)
+
+    def run():
+        if mode == "whole":
+            return model.tokenize(video)
+        return model.encode_long(video, args.chunk_frames)
+
+    _peak_rss_since_reset(reset=True)
+    rss_before = _rss_bytes()
+    run()  # warm-up (lazily created state), and the run whose peak RSS is reported
+    peak_rss = _peak_rss_since_reset()
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(row) for row in sizes]
+    return {
+        "peak_encode_bytes": max(totals) - totals[0],
+        "input_bytes": video.numel() * video.element_size(),
+        "peak_rss_bytes": peak_rss,
+        "rss_before_bytes": rss_before,
+        "seconds_under_profiler": seconds,
+    }
+
+
+def memory_in_subprocess(variant: str, mode: str, frames: int, args) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        variant,
+        mode,
+        str(frames),
+        "--size",
+        str(args.size),
+        "--init-dim",
+        str(args.init_dim),
+        "--codebook-size",
+        str(args.codebook_size),
+        "--chunk-frames",
+        str(args.chunk_frames),
+        "--threads",
+        str(args.threads),
+    ]
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps them
+    # in its heap, and RSS would track that heap's growth rather than live memory.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        variant, mode, frames = args.memory_of
+        print(json.dumps(measure_memory(variant, mode, int(frames), args)))
+        return {}
+    results: dict = {
+        "config": {
+            "presets": PRESETS,
+            "memory_preset": MEMORY_PRESET,
+            "size": args.size,
+            "frames": args.frames,
+            "batch": args.batch,
+            "init_dim": args.init_dim,
+            "codebook_size": args.codebook_size,
+            "threads": args.threads,
+            "chunk_frames": args.chunk_frames,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+    }
+    if not args.skip_speed:
+        results["speed"] = {name: speed(args, layers) for name, layers in PRESETS.items()}
+    results["memory"] = {}
+    for variant in ("speed-config", "with-attend-time"):
+        rows = {}
+        for frames in args.memory_frames:
+            rows[frames] = {
+                mode: memory_in_subprocess(variant, mode, frames, args)
+                for mode in ("whole", "chunked")
+            }
+        results["memory"][variant] = rows
+    print_tables(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return results
+
+
+def print_tables(results: dict) -> None:
+    for preset, result in results.get("speed", {}).items():
+        print(f"\nspeed ({preset}): tokenize, clips/s")
+        print(f"{'impl':<20}{'median s':>10}{'clips/s':>9}{'vs ref':>8}{'vs ref no-grad':>16}")
+        for impl, row in result["rows"].items():
+            a, b = row.get("speedup_vs_reference"), row.get("speedup_vs_reference-no-grad")
+            print(
+                f"{impl:<20}{row['seconds_median']:>10.3f}{row['clips_per_s']:>9.2f}"
+                f"{(f'{a:.2f}x' if a else '-'):>8}{(f'{b:.2f}x' if b else '-'):>16}"
+            )
+        print("ours-quirks codes == reference codes:", result["ours_quirks_codes_equal_reference"])
+    for variant, rows in results["memory"].items():
+        print(
+            f"\nmemory ({MEMORY_PRESET} preset, {variant}): peak tensor MiB above the input"
+            " | peak RSS MiB of the process"
+        )
+        print(f"{'frames':>7}{'whole':>10}{'chunked':>10}{'whole RSS':>11}{'chunked RSS':>13}")
+        for frames, row in rows.items():
+            w, c = row["whole"], row["chunked"]
+            print(
+                f"{frames:>7}{w['peak_encode_bytes'] / 2**20:>10.1f}"
+                f"{c['peak_encode_bytes'] / 2**20:>10.1f}{w['peak_rss_bytes'] / 2**20:>11.0f}"
+                f"{c['peak_rss_bytes'] / 2**20:>13.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main(parse_args())
