@@ -254,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="AlexNet ImageNet weights (default: the torch hub cache)",
     )
     parser.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA too")
+    # The deepspeed launcher passes --local_rank; the rank comes from the environment (World).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
