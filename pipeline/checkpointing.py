@@ -183,28 +183,36 @@ class Checkpointer:
         }
 
 
-def module_weights(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(generator, discriminator) weights from a run folder, a checkpoint or an export, for
-    `init_from`. Exports have no discriminator."""
+def init_source(source: Path) -> Path | Checkpoint:
+    """What `init_from` points at: an export folder (returned as is) or a complete checkpoint
+    (a run folder's latest, or a checkpoint folder). ValueError otherwise."""
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(source / "model.safetensors")), None
-    checkpoint = (
-        latest_checkpoint(source / "checkpoints")
-        if (source / "checkpoints").is_dir()
-        else Checkpoint(source, -1)
-        if (source / COMPLETE).is_file()
-        else None
-    )
+        return source
+    if (source / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(source / "checkpoints")
+    elif (source / COMPLETE).is_file():
+        checkpoint = Checkpoint(source, -1)
+    else:
+        checkpoint = None
     if checkpoint is None:
         raise ValueError(
             f"init_from={source}: not an export, a run folder with a complete "
             "checkpoint, or a complete checkpoint folder"
         )
+    return checkpoint
+
+
+def module_weights(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(generator, discriminator) weights from a run folder, a checkpoint or an export, for
+    `init_from`. Exports have no discriminator."""
+    found = init_source(source)
+    if isinstance(found, Path):
+        from safetensors.torch import load_file
+
+        return load_file(str(found / "model.safetensors")), None
 
     def states(tag: str) -> dict[str, torch.Tensor] | None:
-        files = sorted((checkpoint.path / tag).glob("*model_states.pt"))
+        files = sorted((found.path / tag).glob("*model_states.pt"))
         if not files:
             return None
         package = torch.load(files[0], map_location="cpu", weights_only=False)
@@ -212,5 +220,5 @@ def module_weights(source: Path) -> tuple[dict[str, torch.Tensor], dict[str, tor
 
     generator = states("generator")
     if generator is None:
-        raise ValueError(f"{checkpoint.path} holds no generator weights")
+        raise ValueError(f"{found.path} holds no generator weights")
     return generator, states("discriminator")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,23 @@ _SECTIONS = {
 }
 
 
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(cls: type, data: dict[str, Any], where: str) -> None:
+    """Scalar fields get values of their annotated type (a clear error instead of a TypeError)."""
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value, annotation = data[f.name], str(f.type)
+        base, optional = annotation.removesuffix(" | None"), annotation.endswith(" | None")
+        allowed = _SCALAR_TYPES.get(base)
+        if allowed is None or (value is None and optional):
+            continue
+        if not isinstance(value, allowed) or (base != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{where}.{f.name} must be {base}, got {value!r}")
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
@@ -228,6 +246,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    _check_types(cls, data, where)
     return cls(**data)
 
 
@@ -267,7 +286,22 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
             f"unknown top-level key(s) {unknown_top}; valid keys: "
             f"{sorted(f.name for f in fields(TrainConfig))}"
         )
+    _check_types(TrainConfig, data, "config")
     return TrainConfig(model=model, data=data_section, eval_data=eval_data, **sections, **data)
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string (YAML 1.1); make such strings floats."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -282,7 +316,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = _numbers(yaml.safe_load(raw))
     return data
 
 
@@ -290,8 +324,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    return config_from_dict(apply_overrides(data, overrides or []))
+    data = _numbers(yaml.safe_load(path.read_text()) or {})
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except TypeError as error:  # a value of the wrong type reached a comparison
+        raise ValueError(f"invalid value type in the config: {error}") from error
 
 
 def dump_config(config: TrainConfig) -> str:

@@ -41,12 +41,33 @@ def init_deepspeed_distributed(world: World, timeout_s: float) -> None:
         # and training on gloo never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if world.world_size == 1:
+        # Without a launcher DeepSpeed falls back to MPI discovery (mpi4py); a world of one
+        # only needs these to form its trivial process group.
+        import os
+
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(_free_port())),
+        ):
+            os.environ.setdefault(key, value)
     deepspeed.init_distributed(
         dist_backend=backend,
         timeout=datetime.timedelta(seconds=timeout_s),
         rank=world.rank,
         world_size=world.world_size,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def lr_multiplier(step: int, optim: OptimizerConfig, num_steps: int) -> float:

@@ -5,6 +5,7 @@ reconstruction clips side by side (as animated GIFs written directly into the ev
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -76,10 +77,12 @@ def side_by_side_gif(
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0; calls elsewhere do nothing."""
+    """A SummaryWriter on rank 0 (calls elsewhere do nothing), plus the same scalars as JSON
+    lines in `jsonl_path` for scripts."""
 
-    def __init__(self, log_dir: Path, enabled: bool) -> None:
+    def __init__(self, log_dir: Path, enabled: bool, jsonl_path: Path | None = None) -> None:
         self.writer = None
+        self.jsonl_path = jsonl_path if enabled else None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -91,6 +94,9 @@ class TensorBoard:
         for tag, value in values.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, step)
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **values}, allow_nan=True) + "\n")
 
     def video(self, tag: str, real: torch.Tensor, fake: torch.Tensor, step: int) -> None:
         if self.writer is None:

@@ -11,9 +11,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from pipeline.checkpointing import init_source
 from pipeline.config import TrainConfig, dump_config, load_config
 from pipeline.data import resolve_shards
 from pipeline.world import World
@@ -34,15 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_before_start(config: TrainConfig, world: World) -> None:
     """Everything that can be checked without a process group: ValueError if anything is off."""
     config.check_world_size(world.world_size)
+    if config.init_from:
+        init_source(Path(config.init_from))
     if config.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     for section in (config.data, config.eval_data):
         if section is None:
             continue
         if section.video_shards and section.image_batch_ratio < 1:
-            resolve_shards(section.video_shards, "video")
+            resolve_shards(section.video_shards, "video", require_existing=True)
         if section.image_shards and (section.image_batch_ratio > 0 or section.mode == "eval"):
-            resolve_shards(section.image_shards, "image")
+            resolve_shards(section.image_shards, "image", require_existing=True)
 
 
 def main(args: argparse.Namespace) -> int:

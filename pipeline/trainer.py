@@ -87,7 +87,9 @@ class Trainer:
         self.checkpointer = Checkpointer(
             config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
         )
-        self.tensorboard = TensorBoard(self.output_dir / "tensorboard", world.rank == 0)
+        self.tensorboard = TensorBoard(
+            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
+        )
         self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks)
         self.faults = Faults(config.faults, world.rank, self.output_dir)
         self.step = 0
@@ -164,6 +166,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         for batch in micro_batches:
             video = self.faults.poison(self.step, self.to_video(batch))  # (b, c, t, h, w)
+            sums["data/image_batch_share"] += float(batch.kind == "image")
             if self.fixed_batch is None:
                 self.fixed_batch = video[:2].detach().float().clone()
             with frozen_parameters(self.critics):
@@ -246,7 +249,8 @@ class Trainer:
             discriminator=None,
             gradient_checkpointing=False,
         )
-        model = VideoTokenizer.from_config(config).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # initialisation must not shift the run's RNG
+            model = VideoTokenizer.from_config(config).to(self.device)
         state = self.ema.state_dict_for(self.tokenizer) if self.ema else self.tokenizer.state_dict()
         model.load_state_dict(
             {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
