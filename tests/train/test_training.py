@@ -10,6 +10,7 @@ from trainrun import (
     base_overrides,
     checkpoints,
     deepspeed_launch,
+    deepspeed_no_python_launch,
     engine_weights,
     explain,
     finished,
@@ -144,6 +145,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint_and_resumes_on_fewer_ra
 
 
 def test_a_nan_batch_is_skipped_on_every_rank(tmp_path, video_shards):
+    """Launched as `deepspeed --no_python ... launch/train.sh` (the launcher starts the script
+    once per rank)."""
     out = tmp_path / "run"
     overrides = base_overrides(
         out,
@@ -152,7 +155,7 @@ def test_a_nan_batch_is_skipped_on_every_rank(tmp_path, video_shards):
         checkpoint_every=1,
         **{"faults.nan_at_step": 2, "faults.on_rank": 1, "losses.discriminator_start_step": 0},
     )
-    result = torchrun_launch(overrides)
+    result = deepspeed_no_python_launch(overrides)
     assert finished(result), explain(result)
     rows = metrics(out)
     assert rows[3]["health/skipped_updates"] == 2  # generator and discriminator, all ranks

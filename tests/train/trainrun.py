@@ -77,6 +77,23 @@ def deepspeed_launch(overrides: list[str], nproc: int = 2, **env) -> subprocess.
     )
 
 
+def deepspeed_no_python_launch(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`deepspeed --no_python ... launch/train.sh`: the launcher starts the script per rank."""
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return run(
+        [
+            deepspeed,
+            "--no_python",
+            f"--num_gpus={nproc}",
+            f"--master_port={free_port()}",
+            "launch/train.sh",
+            "--config",
+            str(CONFIG),
+            *overrides,
+        ]
+    )
+
+
 def torchrun_launch(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return run(
         [
