@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from model import VideoTokenizer
@@ -75,13 +74,3 @@ def frozen_parameters(module: nn.Module | None):
     from model.objectives import frozen
 
     return frozen([module] if module is not None else [])
-
-
-def loss_is_finite_everywhere(loss: Tensor) -> bool:
-    """Collective: whether the loss is finite on every rank."""
-    from pipeline.distributed import is_distributed
-
-    flag = torch.isfinite(loss.detach()).float().reshape(1)  # on the loss's device (NCCL)
-    if is_distributed():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)

@@ -31,12 +31,7 @@ from pipeline.distributed import is_distributed
 from pipeline.ema import EMA
 from pipeline.faults import Faults
 from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes, psnr
-from pipeline.objectives import (
-    DiscriminatorObjective,
-    GeneratorObjective,
-    frozen_parameters,
-    loss_is_finite_everywhere,
-)
+from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.world import World
 
 logger = logging.getLogger(__name__)
@@ -163,7 +158,8 @@ class Trainer:
         skipped_before = [
             ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e is not None
         ]
-        sums: dict[str, float] = defaultdict(float)
+        # Summed on the device, read once per step: one host sync instead of one per value.
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for batch in micro_batches:
             video = self.faults.poison(self.step, self.to_video(batch))  # (b, c, t, h, w)
             sums["data/image_batch_share"] += float(batch.kind == "image")
@@ -171,23 +167,24 @@ class Trainer:
                 self.fixed_batch = video[:2].detach().float().clone()
             with frozen_parameters(self.critics):
                 loss, recon, codes, parts = engines.generator(video, adversarial)
-                if not loss_is_finite_everywhere(loss):
-                    self.counters["nonfinite_losses"] += 1
                 engines.generator.backward(loss)
             engines.generator.step()
             self.codebook.add(codes)
-            _add_generator_terms(sums, loss, parts)
+            _add_generator_terms(sums, loss.detach(), parts)
             if train_discriminator:
                 d_loss, d_parts, logits = engines.discriminator(video, recon, apply_gp, gp_scale)
                 engines.discriminator.backward(d_loss)
                 engines.discriminator.step()
-                sums["loss/discriminator_total"] += d_loss.item()
-                sums["loss/discriminator_hinge"] += d_parts.discr_loss.item()
+                sums["loss/discriminator_total"] += d_loss.detach().float()
+                sums["loss/discriminator_hinge"] += d_parts.discr_loss.float()
                 if apply_gp:
-                    sums["loss/gradient_penalty"] += d_parts.gradient_penalty.item()
-                sums["discriminator/logits_real"] += logits["real"].item()
-                sums["discriminator/logits_fake"] += logits["fake"].item()
-        metrics = {key: value / len(micro_batches) for key, value in sums.items()}
+                    sums["loss/gradient_penalty"] += d_parts.gradient_penalty.float()
+                sums["discriminator/logits_real"] += logits["real"]
+                sums["discriminator/logits_fake"] += logits["fake"]
+        keys = sorted(sums)
+        values = torch.stack([sums[k].float() for k in keys]).tolist()
+        metrics = {k: v / len(micro_batches) for k, v in zip(keys, values, strict=True)}
+        metrics["health/nonfinite_losses"] *= len(micro_batches)  # a count, not a mean
         skipped_after = [
             ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e is not None
         ]
@@ -199,12 +196,15 @@ class Trainer:
 
     def log(self, window: dict[str, list[float]]) -> None:
         """Window means, averaged across ranks (a collective), to TensorBoard on rank 0."""
+        nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
         keys = sorted(window)
         local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
         if is_distributed():
             dist.all_reduce(local)
             local /= self.world.world_size
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
         values = dict(zip(keys, local.tolist(), strict=True))
+        self.counters["nonfinite_losses"] += int((nonfinite > 0).sum())  # steps, on any rank
         engines = self.engines
         values["lr/generator"] = float(engines.generator.get_lr()[0])
         values["grad_norm/generator"] = ds.global_grad_norm(engines.generator)
@@ -336,15 +336,16 @@ class Trainer:
             logger.info("initialised weights from %s (fresh optimizer state)", source)
 
 
-def _add_generator_terms(sums: dict[str, float], loss: torch.Tensor, parts) -> None:
-    sums["loss/generator_total"] += loss.item()
-    sums["loss/recon"] += parts.recon_loss.item()
-    sums["loss/quantizer_aux"] += parts.lfq_aux_loss.item()
-    sums["loss/perceptual"] += float(parts.perceptual_loss)
-    sums["loss/adversarial_gen"] += float(parts.adversarial_gen_loss)
-    sums["loss/adaptive_weight"] += float(parts.adaptive_adversarial_weight)
+def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
+    sums["loss/generator_total"] += loss.float()
+    sums["health/nonfinite_losses"] += (~torch.isfinite(loss)).float()
+    sums["loss/recon"] += parts.recon_loss.float()
+    sums["loss/quantizer_aux"] += parts.lfq_aux_loss.float()
+    sums["loss/perceptual"] += parts.perceptual_loss.float()
+    sums["loss/adversarial_gen"] += parts.adversarial_gen_loss.float()
+    sums["loss/adaptive_weight"] += parts.adaptive_adversarial_weight.float()
     quantizer = parts.quantizer_loss_breakdown
     if quantizer is not None:
-        sums["codebook/per_sample_entropy"] += quantizer.per_sample_entropy.item()
-        sums["codebook/batch_entropy"] += quantizer.batch_entropy.item()
-        sums["loss/commitment"] += quantizer.commitment.item()
+        sums["codebook/per_sample_entropy"] += quantizer.per_sample_entropy.float()
+        sums["codebook/batch_entropy"] += quantizer.batch_entropy.float()
+        sums["loss/commitment"] += quantizer.commitment.float()
