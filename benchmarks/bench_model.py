@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--skip-memory", action="store_true")
     # internal: measure one (implementation, step) in this process and print JSON
-    parser.add_argument("--memory-of", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", nargs=3, metavar=("IMPL", "STEP", "MODE"),
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -132,14 +133,19 @@ def count_flops(fn) -> float:
     return float(counter.flops)
 
 
-def measure_memory(impl: str, step: str, args: argparse.Namespace) -> dict:
-    """Peak of live tensor bytes during one step, above the bytes live before it."""
+def measure_memory(impl: str, step: str, args: argparse.Namespace, profiled: bool) -> dict:
+    """Profiled: peak of live tensor bytes during one step, above the bytes live before it.
+    Not profiled (the profiler's own records would dominate): peak RSS above the RSS before."""
     from torch.profiler import ProfilerActivity, profile
 
     model, video = build(impl, args), make_video(args)
     fn = step_fn(step, model, video)
     fn()  # warm-up: lazily created state (VGG, optimizer-free grads) exists before measuring
-    rss_before = _rss_bytes()
+    if not profiled:
+        rss_before = _rss_bytes()
+        fn()
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_rss_above_start_bytes": max(0, peak_rss - rss_before)}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
         fn()
@@ -149,13 +155,7 @@ def measure_memory(impl: str, step: str, args: argparse.Namespace) -> dict:
         prof.export_memory_timeline(str(path), device="cpu")
         _, sizes = json.loads(path.read_text())
     totals = [sum(row) for row in sizes]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "peak_step_bytes": max(totals) - totals[0],
-        "peak_live_bytes": max(totals),
-        "peak_rss_bytes": peak_rss,
-        "rss_before_step_bytes": rss_before,
-    }
+    return {"peak_step_bytes": max(totals) - totals[0], "peak_live_bytes": max(totals)}
 
 
 def _rss_bytes() -> int:
@@ -164,7 +164,15 @@ def _rss_bytes() -> int:
 
 
 def memory_in_subprocess(impl: str, step: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--memory-of", impl, step, "--size", str(args.size),
+    """Both memory measures, each in a fresh process (a clean allocator)."""
+    out = {}
+    for mode in ("profiled", "rss"):
+        out.update(_one_memory_subprocess(impl, step, mode, args))
+    return out
+
+
+def _one_memory_subprocess(impl: str, step: str, mode: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--memory-of", impl, step, mode, "--size", str(args.size),
                "--frames", str(args.frames), "--batch", str(args.batch), "--init-dim",
                str(args.init_dim), "--codebook-size", str(args.codebook_size),
                "--threads", str(args.threads)]
@@ -175,7 +183,8 @@ def memory_in_subprocess(impl: str, step: str, args: argparse.Namespace) -> dict
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.memory_of:
-        print(json.dumps(measure_memory(*args.memory_of, args)))
+        impl, step, mode = args.memory_of
+        print(json.dumps(measure_memory(impl, step, args, profiled=mode == "profiled")))
         return {}
     video = make_video(args)
     models = {impl: build(impl, args) for impl in IMPLEMENTATIONS}
@@ -228,7 +237,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_table(results: dict) -> None:
     header = f"{'step':<14}{'impl':<20}{'median s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'speedup':>9}"
-    header += f"{'peak step MiB':>15}{'peak RSS MiB':>14}"
+    header += f"{'peak step MiB':>15}{'RSS +MiB':>14}"
     print(header)
     for step, rows in results["steps"].items():
         for impl, row in rows.items():
@@ -237,7 +246,7 @@ def print_table(results: dict) -> None:
                     f"{row['gflop_per_s']:>9.1f}{(f'{speedup:.2f}x' if speedup else '-'):>9}")
             if "peak_step_bytes" in row:
                 line += (f"{row['peak_step_bytes'] / 2**20:>15.0f}"
-                         f"{row['peak_rss_bytes'] / 2**20:>14.0f}")
+                         f"{row['peak_rss_above_start_bytes'] / 2**20:>14.0f}")
             print(line)
 
 

@@ -6,6 +6,7 @@ frames (within a few levels of rounding) whichever reader opened it.
 
 from __future__ import annotations
 
+import abc
 import io
 import math
 from fractions import Fraction
@@ -35,7 +36,7 @@ def _short(exc: BaseException) -> str:
     return (text[-1] if text else type(exc).__name__)[:200]
 
 
-class VideoFrames:
+class VideoFrames(abc.ABC):
     """Frames of one source, resized on the short side and then center-cropped."""
 
     fps: float
@@ -57,15 +58,16 @@ class VideoFrames:
         top, left = (self.height - self._crop) // 2, (self.width - self._crop) // 2
         return np.ascontiguousarray(frames[:, top : top + self._crop, left : left + self._crop])
 
+    @abc.abstractmethod
     def read(self, indices: list[int]) -> np.ndarray:
         """Frames at increasing source ``indices``: (T, H, W, 3) uint8; EOFError past the end."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def count_frames(self) -> int:
-        raise NotImplementedError
+        """Frames in the video (decoding them all where the container does not say)."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: readers without resources keep it
+        """Releases the decoder (a no-op where there is nothing to release)."""
 
     def __enter__(self) -> VideoFrames:
         return self

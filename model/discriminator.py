@@ -88,3 +88,13 @@ class Discriminator(nn.Module):
             x = stage(x)  # (b, c_i, h_i, w_i)
         x = self.act(self.to_logits_conv(x))
         return self.to_logits(x.flatten(1)).squeeze(-1)  # (b,)
+
+
+class Discriminators(nn.Module):
+    """The image discriminator and any multiscale (video) discriminators, as one module: what a
+    trainer hands to the discriminator's optimizer or engine."""
+
+    def __init__(self, discr: nn.Module | None, multiscale_discrs: nn.ModuleList) -> None:
+        super().__init__()
+        self.discr = discr
+        self.multiscale_discrs = multiscale_discrs

@@ -175,10 +175,20 @@ def _last_layer_grad_norm(model: VideoTokenizer, recon: Tensor, grad_recon: Tens
 
 
 def discriminator_loss(
-    model: VideoTokenizer, video: Tensor, recon: Tensor, *, apply_gradient_penalty: bool = True
+    model: VideoTokenizer,
+    video: Tensor,
+    recon: Tensor,
+    *,
+    apply_gradient_penalty: bool = True,
+    gradient_penalty_scale: float = 1.0,
+    logits_out: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, DiscrLossBreakdown]:
     """Hinge loss of the discriminator(s) on real frames vs the detached reconstruction, plus
-    the gradient penalty on both (magvit2-pytorch penalises real and fake inputs)."""
+    the gradient penalty on both (magvit2-pytorch penalises real and fake inputs).
+
+    `gradient_penalty_scale` multiplies the penalty (lazy regularisation applies it every N
+    steps, scaled by N). `logits_out`, if given, receives the mean real and fake logits.
+    """
     if model.discr is None:
         raise ValueError("this tokenizer has no discriminator (use_gan=False)")
     config = model.config
@@ -189,6 +199,9 @@ def discriminator_loss(
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
     real_logits, fake_logits = model.discr(real), model.discr(fake)
     discr_loss = hinge_discr_loss(fake_logits.float(), real_logits.float())
+    if logits_out is not None:
+        logits_out["real"] = real_logits.detach().float().mean()
+        logits_out["fake"] = fake_logits.detach().float().mean()
 
     multiscale_losses = [
         hinge_discr_loss(discr(recon).float(), discr(video).float())
@@ -200,7 +213,7 @@ def discriminator_loss(
         penalty = gradient_penalty(real, real_logits) + gradient_penalty(fake, fake_logits)
     total = (
         discr_loss
-        + penalty * config.grad_penalty_loss_weight
+        + penalty * (config.grad_penalty_loss_weight * gradient_penalty_scale)
         + sum(multiscale_losses) * config.multiscale_adversarial_loss_weight
     )
     return total, DiscrLossBreakdown(discr_loss, multiscale_losses, penalty)

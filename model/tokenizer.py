@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from model import objectives
 from model.config import LayerSpec, TokenizerConfig
 from model.conv import CausalConv3d, FrameConv2d, pad_time_past
-from model.discriminator import Discriminator
+from model.discriminator import Discriminator, Discriminators
 from model.layers import build_layer_pair
 from model.losses import PerceptualLoss
 from model.norm import ChannelLayerNorm
@@ -385,6 +385,16 @@ class VideoTokenizer(nn.Module):
             params.extend(module.parameters())
         return params
 
+    def detach_discriminators(self) -> Discriminators:
+        """Takes the discriminators out of this module's tree and returns them as one module, for
+        a separate optimizer or DeepSpeed engine. The losses keep using them; this module's
+        parameters, state dict and exports are then the generator's alone."""
+        critics = Discriminators(self.discr, self.multiscale_discrs)
+        for name in ("discr", "multiscale_discrs"):
+            self._modules.pop(name, None)
+            object.__setattr__(self, name, getattr(critics, name))
+        return critics
+
     def discriminators(self) -> list[nn.Module]:
         found = [self.discr] if self.discr is not None else []
         return found + list(self.multiscale_discrs)
@@ -417,10 +427,17 @@ class VideoTokenizer(nn.Module):
         )
 
     def discriminator_loss(
-        self, video: Tensor, recon: Tensor, *, apply_gradient_penalty: bool = True
+        self,
+        video: Tensor,
+        recon: Tensor,
+        *,
+        apply_gradient_penalty: bool = True,
+        gradient_penalty_scale: float = 1.0,
+        logits_out: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, objectives.DiscrLossBreakdown]:
         return objectives.discriminator_loss(
-            self, video, recon, apply_gradient_penalty=apply_gradient_penalty
+            self, video, recon, apply_gradient_penalty=apply_gradient_penalty,
+            gradient_penalty_scale=gradient_penalty_scale, logits_out=logits_out,
         )
 
     def forward(

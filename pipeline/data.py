@@ -144,11 +144,17 @@ class DataConfig:
         return cls(**fixed)
 
 
-def resolve_shards(specs: tuple[str, ...], kind: Kind) -> list[str]:
-    """Expands folders (via manifest.json), globs and brace patterns into a list of shard paths."""
+def resolve_shards(
+    specs: tuple[str, ...], kind: Kind, *, require_existing: bool = False
+) -> list[str]:
+    """Expands folders (via manifest.json), globs and brace patterns into a list of shard paths.
+    URLs (``s3://``, ``pipe:``) are passed on. A local file that does not exist is kept (the
+    loader skips and counts it) unless `require_existing`, the trainer's pre-flight check."""
     urls: list[str] = []
     for spec in specs:
-        if os.path.isdir(spec):
+        if "://" in spec or spec.startswith("pipe:"):
+            urls.append(spec)
+        elif os.path.isdir(spec):
             manifest = read_manifest(spec)
             if not manifest.complete:
                 logger.warning("%s: manifest lacks some nodes; using the shards it lists", spec)
@@ -157,8 +163,10 @@ def resolve_shards(specs: tuple[str, ...], kind: Kind) -> list[str]:
             urls += list(braceexpand.braceexpand(spec))
         elif any(c in spec for c in "*?["):
             urls += sorted(glob.glob(spec))
-        else:
+        elif os.path.isfile(spec) or not require_existing:
             urls.append(spec)
+        else:
+            raise ValueError(f"no {kind} shards found: {spec} does not exist")
     if not urls:
         raise ValueError(f"no {kind} shards found in {specs}")
     return urls

@@ -14,13 +14,21 @@ def test_reference_card_usage_example(tmp_path, monkeypatch):
     # (random weights here; nothing can be downloaded).
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(),
-               tmp_path / "hub" / "checkpoints" / VGG16_CHECKPOINT_NAME)
+    torch.save(
+        torchvision.models.vgg16(weights=None).state_dict(),
+        tmp_path / "hub" / "checkpoints" / VGG16_CHECKPOINT_NAME,
+    )
     torch.manual_seed(0)
     tokenizer = VideoTokenizer(
         image_size=128,
-        layers=("residual", "compress_space", "residual", "compress_time", "attend_space",
-                "residual"),
+        layers=(
+            "residual",
+            "compress_space",
+            "residual",
+            "compress_time",
+            "attend_space",
+            "residual",
+        ),
         channels=3,
         init_dim=64,
         codebook_size=1024,
@@ -47,5 +55,7 @@ def test_reference_card_usage_example(tmp_path, monkeypatch):
     discr_loss, discr_breakdown = tokenizer(video, return_discr_loss=True)
     assert torch.isfinite(discr_loss) and discr_breakdown.gradient_penalty > 0
     discr_loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in tokenizer.discriminator_parameters())
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in tokenizer.discriminator_parameters()
+    )

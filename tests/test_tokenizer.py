@@ -333,3 +333,21 @@ def test_export_round_trip(tmp_path):
     )
     with pytest.raises(ValueError, match="not a tokenizer export"):
         load_pretrained(tmp_path)
+
+
+def test_detached_discriminators_still_drive_the_losses():
+    model = tiny_tokenizer(use_gan=True)
+    count = len(list(model.parameters()))
+    critics = model.detach_discriminators()
+    assert not any(k.startswith("discr.") for k in model.state_dict())
+    assert len(list(model.parameters())) + len(list(critics.parameters())) == count
+    assert {id(p) for p in model.discriminator_parameters()} == {
+        id(p) for p in critics.parameters()
+    }
+    x = video(frames=5)
+    out = model.reconstruct(x)
+    d_loss, _ = model.discriminator_loss(x, out.recon)
+    d_loss.backward()
+    assert all(p.grad is not None for p in critics.parameters())
+    g_loss, breakdown = model.generator_loss(x, out)
+    assert breakdown.adversarial_gen_loss != 0

@@ -1,0 +1,335 @@
+"""The training run's typed configuration: YAML file + dotted command-line overrides.
+
+    python -m pipeline.train --config launch/configs/tiny_cpu.yaml optim.lr=2e-4 data.num_workers=4
+
+Every section is a frozen dataclass; unknown keys, bad values and impossible combinations raise
+`ValueError` here, before any process group or engine exists. `model` holds the VideoTokenizer
+arguments (model.TokenizerConfig) and `data` the loader's (pipeline.data.DataConfig), except the
+fields the trainer derives (batch size, frame compression).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import TokenizerConfig
+from pipeline.data import DataConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+LR_DECAYS = ("cosine", "linear", "constant")
+# DataConfig fields the trainer fills in itself (they must agree with the model and batch).
+DERIVED_DATA_FIELDS = ("micro_batch_size", "time_compression")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (one per engine)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    decay: str = "constant"
+    """After warm-up: 'cosine' or 'linear' decay to min_lr_ratio * lr at the last step, or
+    'constant'."""
+    min_lr_ratio: float = 0.1
+    gradient_clipping: float = 1.0
+    """Global grad-norm clip; 0 disables (set explicitly: DeepSpeed silently defaults to 1)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.decay not in LR_DECAYS:
+            raise ValueError(f"decay must be one of {LR_DECAYS}, got {self.decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "weight_decay", "gradient_clipping"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossScheduleConfig:
+    """When and how strongly the adversarial game runs."""
+
+    discriminator_start_step: int = 0
+    """The discriminator trains, and the generator sees its loss, from this step on."""
+    adversarial_warmup_steps: int = 0
+    """Then the adversarial weight ramps linearly from 0 to the model's weight."""
+    gradient_penalty_every: int = 1
+    """Lazy regularisation (StyleGAN2): the penalty every N discriminator steps, scaled by N."""
+
+    def __post_init__(self) -> None:
+        if self.discriminator_start_step < 0 or self.adversarial_warmup_steps < 0:
+            raise ValueError("discriminator_start_step and adversarial_warmup_steps must be >= 0")
+        if self.gradient_penalty_every < 1:
+            raise ValueError(
+                f"gradient_penalty_every must be >= 1, got {self.gradient_penalty_every}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultInjection:
+    """For tests of the failure paths; all off by default."""
+
+    nan_at_step: int | None = None
+    """Poison this step's batch with NaN on rank `on_rank`."""
+    kill_at_step: int | None = None
+    """SIGKILL rank `on_rank` at the start of this step."""
+    kill_during_save_at_step: int | None = None
+    """SIGKILL rank `on_rank` halfway through writing the checkpoint of this step."""
+    on_rank: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    """Checkpoints, TensorBoard logs and exports go here; a run on a folder with checkpoints
+    resumes from the latest complete one."""
+    model: TokenizerConfig
+    data: DataConfig
+    eval_data: DataConfig | None = None
+    """Held-out shards for evaluation (mode 'eval'); None: a fixed training batch only."""
+    generator_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    discriminator_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    losses: LossScheduleConfig = field(default_factory=LossScheduleConfig)
+    num_steps: int = 1000
+    """Optimizer steps of the whole run."""
+    micro_batch_size: int = 4
+    """Clips per rank per forward pass."""
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    """If set, must equal micro_batch_size * gradient_accumulation_steps * world size."""
+    precision: str = "bf16"
+    zero_stage: int = 2
+    """ZeRO stage of the generator engine (1 or 2)."""
+    discriminator_zero_stage: int = 2
+    """ZeRO stage of the discriminator engine (1 or 2: the gradient penalty needs ZeRO <= 2)."""
+    activation_checkpointing: bool = False
+    ema_decay: float = 0.999
+    """EMA of the generator weights (evaluation and export use it); 0 disables."""
+    ema_start_step: int = 0
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic data order (fixed loader seed) and algorithms, for reproducibility tests."""
+    log_every: int = 10
+    video_log_every: int = 200
+    """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""
+    eval_every: int = 500
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    export_on_finish: bool = True
+    codebook_stats_window: int = 50
+    """Steps over which codebook usage and perplexity are counted."""
+    init_from: str | None = None
+    """Start from another run's weights (e.g. the image stage): an output folder, a checkpoint
+    folder or an export; optimizer state starts fresh."""
+    process_group_timeout_s: float = 600.0
+    """How long a collective waits for a dead rank before the job fails."""
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_steps",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "codebook_stats_window",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(
+                f"zero_stage must be 1 or 2, got {self.zero_stage}: ZeRO-3 is not supported for "
+                "the generator (the adaptive adversarial weight differentiates with respect to "
+                "the last decoder weight, which ZeRO-3 partitions away), and stage 0 has no "
+                "all-rank skip of non-finite steps"
+            )
+        if self.discriminator_zero_stage not in (1, 2):
+            raise ValueError(
+                f"discriminator_zero_stage must be 1 or 2, got {self.discriminator_zero_stage}: "
+                "the gradient penalty's double backward fails under ZeRO-3, and stage 0 has no "
+                "all-rank skip of non-finite steps"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        f = self.model.time_downsample_factor
+        if (self.data.num_frames - 1) % f:
+            raise ValueError(
+                f"data.num_frames must be 1 + k * {f} (the model compresses time by {f}), "
+                f"got {self.data.num_frames}"
+            )
+        if self.data.image_size != self.model.image_size:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) must equal "
+                f"model.image_size ({self.model.image_size})"
+            )
+        if self.data.mode != "train":
+            raise ValueError(f"data.mode must be 'train', got {self.data.mode!r}")
+        if self.eval_data is not None and self.eval_data.mode != "eval":
+            raise ValueError(f"eval_data.mode must be 'eval', got {self.eval_data.mode!r}")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Batch sizes that do not divide: a clear error before training starts."""
+        derived = self.micro_batch_size * self.gradient_accumulation_steps * world_size
+        if self.global_batch_size is not None and self.global_batch_size != derived:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} != micro_batch_size "
+                f"{self.micro_batch_size} x gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} x world size {world_size} = {derived}"
+            )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, loadable by `config_from_dict`."""
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        for key in ("data", "eval_data"):
+            if out[key] is not None:
+                for derived in DERIVED_DATA_FIELDS:
+                    out[key].pop(derived)
+                out[key].pop("mode")
+        return out
+
+
+_SECTIONS = {
+    "generator_optim": OptimizerConfig,
+    "discriminator_optim": OptimizerConfig,
+    "losses": LossScheduleConfig,
+    "faults": FaultInjection,
+}
+
+
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(cls: type, data: dict[str, Any], where: str) -> None:
+    """Scalar fields get values of their annotated type (a clear error instead of a TypeError)."""
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value, annotation = data[f.name], str(f.type)
+        base, optional = annotation.removesuffix(" | None"), annotation.endswith(" | None")
+        allowed = _SCALAR_TYPES.get(base)
+        if allowed is None or (value is None and optional):
+            continue
+        if not isinstance(value, allowed) or (base != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{where}.{f.name} must be {base}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    _check_types(cls, data, where)
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    data = dict(data)
+    for key in ("model", "data"):
+        if key not in data:
+            raise ValueError(f"the config needs a '{key}' section")
+    model = TokenizerConfig.from_dict(data.pop("model"))
+    micro_batch = data.get("micro_batch_size", 4)
+
+    def data_config(section: dict[str, Any], where: str, mode: str) -> DataConfig:
+        clashing = sorted(set(section) & set(DERIVED_DATA_FIELDS))
+        if clashing:
+            raise ValueError(
+                f"{where}: {clashing} are derived by the trainer (set "
+                "micro_batch_size at the top level)"
+            )
+        section = {
+            "mode": mode,
+            "image_size": model.image_size,
+            **section,
+            "micro_batch_size": micro_batch,
+            "time_compression": model.time_downsample_factor,
+        }
+        return DataConfig.from_dict(section)
+
+    data_section = data_config(data.pop("data"), "data", "train")
+    eval_section = data.pop("eval_data", None)
+    eval_data = None if eval_section is None else data_config(eval_section, "eval_data", "eval")
+    sections = {
+        key: _build(cls, data.pop(key), key) for key, cls in _SECTIONS.items() if key in data
+    }
+    unknown_top = sorted(set(data) - {f.name for f in fields(TrainConfig)})
+    if unknown_top:
+        raise ValueError(
+            f"unknown top-level key(s) {unknown_top}; valid keys: "
+            f"{sorted(f.name for f in fields(TrainConfig))}"
+        )
+    _check_types(TrainConfig, data, "config")
+    return TrainConfig(model=model, data=data_section, eval_data=eval_data, **sections, **data)
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string (YAML 1.1); make such strings floats."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` pairs; values are parsed as YAML (numbers, booleans, lists, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = _numbers(yaml.safe_load(raw))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = _numbers(yaml.safe_load(path.read_text()) or {})
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except TypeError as error:  # a value of the wrong type reached a comparison
+        raise ValueError(f"invalid value type in the config: {error}") from error
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,200 @@
+"""The two DeepSpeed engines: the generator (tokenizer) and the discriminator(s).
+
+The only module that imports deepspeed. Each engine gets its own config dict derived here from
+TrainConfig (batch sizes from the world size, precision, ZeRO stage, clipping), never a
+hand-edited JSON. Rules this code keeps (measured with DeepSpeed 0.19.8, see DESIGN.md):
+
+1. The discriminator's parameters are frozen during the generator step (ZeRO-1 otherwise
+   corrupts its gradients; ZeRO-2 asserts "gradient computed twice").
+2. The discriminator is called as a plain module (`engine.module`), never through its engine,
+   both in the generator's adversarial term and in the gradient-penalty forward.
+3. The discriminator stays at ZeRO <= 2: the penalty's double backward fails under ZeRO-3.
+4. `gradient_clipping` is always set explicitly (DeepSpeed's default is 1.0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import OptimizerConfig, TrainConfig
+from pipeline.world import World
+
+logger = logging.getLogger(__name__)
+
+
+def init_deepspeed_distributed(world: World, timeout_s: float) -> None:
+    """Joins (or creates) the process group through DeepSpeed's comm layer."""
+    import datetime
+
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # The shared-memory comm op is JIT-compiled on first use (40-100 s on a fresh machine)
+        # and training on gloo never uses it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if world.world_size == 1:
+        # Without a launcher DeepSpeed falls back to MPI discovery (mpi4py); a world of one
+        # only needs these to form its trivial process group.
+        import os
+
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(_free_port())),
+        ):
+            os.environ.setdefault(key, value)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_multiplier(step: int, optim: OptimizerConfig, num_steps: int) -> float:
+    """Warm-up then decay, as a multiple of optim.lr; a pure function of the optimizer step."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return 1.0
+    span = max(1, num_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = optim.min_lr_ratio
+    if optim.decay == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def engine_config(
+    config: TrainConfig, optim: OptimizerConfig, zero_stage: int, world_size: int
+) -> dict[str, Any]:
+    micro, accum = config.micro_batch_size, config.gradient_accumulation_steps
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": optim.gradient_clipping,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,  # our own logging
+        "wall_clock_breakdown": False,
+    }
+    if zero_stage >= 1:
+        # Bucketed, overlapped gradient reduction; contiguous buffers avoid fragmentation.
+        ds["zero_optimization"].update(
+            {
+                "overlap_comm": torch.cuda.is_available(),
+                "contiguous_gradients": True,
+                "reduce_bucket_size": 5e7,
+                "allgather_bucket_size": 5e7,
+            }
+        )
+    if config.precision == "bf16":
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    elif config.precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return ds
+
+
+def _optimizer(params: list[nn.Parameter], optim: OptimizerConfig) -> torch.optim.Optimizer:
+    # torch's AdamW (fused on CUDA): DeepSpeed's own Adam kernels JIT-compile on first use.
+    return torch.optim.AdamW(
+        params,
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimizerConfig, num_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim, num_steps)
+    )
+
+
+@dataclass
+class Engines:
+    generator: Any
+    """DeepSpeedEngine over the tokenizer (generator parameters only)."""
+    discriminator: Any | None
+    """DeepSpeedEngine over the discriminators, or None without a GAN."""
+
+
+def build_engines(
+    tokenizer: nn.Module, critics: nn.Module | None, config: TrainConfig, world: World
+) -> Engines:
+    import deepspeed
+
+    def build(module: nn.Module, optim: OptimizerConfig, zero_stage: int):
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, optim)
+        engine, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=_scheduler(optimizer, optim, config.num_steps),
+            config=engine_config(config, optim, zero_stage, world.world_size),
+            dist_init_required=False,
+        )
+        return engine
+
+    generator = build(tokenizer, config.generator_optim, config.zero_stage)
+    discriminator = None
+    if critics is not None and any(True for _ in critics.parameters()):
+        discriminator = build(critics, config.discriminator_optim, config.discriminator_zero_stage)
+    return Engines(generator, discriminator)
+
+
+def save_engine(engine: Any, directory: Path, tag: str) -> None:
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+
+def load_engine(engine: Any, directory: Path, tag: str, *, module_only: bool) -> None:
+    """Restores weights (and, unless module_only, optimizer, scheduler and step counters)."""
+    path, _ = engine.load_checkpoint(
+        str(directory),
+        tag=tag,
+        load_module_only=module_only,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only,
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
+
+
+def skipped_steps(engine: Any) -> int:
+    """Optimizer steps DeepSpeed skipped for non-finite gradients (or fp16 overflow)."""
+    return int(getattr(engine, "skipped_steps", 0))
+
+
+def global_grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -1,0 +1,53 @@
+"""Fault injection for the failure-path tests (config section `faults`; all off by default).
+
+Each fault fires once per output folder: a marker file records it, so rerunning the same command
+after an injected crash resumes instead of crashing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from pipeline.config import FaultInjection
+
+logger = logging.getLogger(__name__)
+
+
+class Faults:
+    def __init__(self, config: FaultInjection, rank: int, output_dir: Path) -> None:
+        self.config, self.rank = config, rank
+        self.markers = output_dir / ".faults"
+
+    def _fire_once(self, name: str) -> bool:
+        marker = self.markers / name
+        if marker.exists():
+            return False
+        self.markers.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
+
+    def _kill(self, name: str) -> None:
+        if self._fire_once(name):
+            logger.error("fault injection: SIGKILL of rank %d (%s)", self.rank, name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def at_step_start(self, step: int) -> None:
+        if self.config.kill_at_step == step and self.rank == self.config.on_rank:
+            self._kill(f"kill_at_step_{step}")
+
+    def poison(self, step: int, video: torch.Tensor) -> torch.Tensor:
+        if self.config.nan_at_step == step and self.rank == self.config.on_rank:
+            logger.error("fault injection: NaN batch at step %d on rank %d", step, self.rank)
+            return torch.full_like(video, float("nan"))
+        return video
+
+    def during_save(self, step: int):
+        """A hook for the checkpointer, or None."""
+        if self.config.kill_during_save_at_step != step or self.rank != self.config.on_rank:
+            return None
+        return lambda: self._kill(f"kill_during_save_{step}")

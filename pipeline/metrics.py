@@ -1,0 +1,134 @@
+"""What the run shows in TensorBoard (rank 0 only): scalars, codebook statistics, and real |
+reconstruction clips side by side (as animated GIFs written directly into the event file, since
+`SummaryWriter.add_video` silently logs nothing without moviepy 1.x)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.distributed import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+class CodebookStats:
+    """Code histogram over a window of steps, summed across ranks when read: the share of the
+    codebook in use and the perplexity (exp of the code entropy; the codebook size at best)."""
+
+    def __init__(self, codebook_size: int, num_codebooks: int) -> None:
+        self.codebook_size = codebook_size
+        self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.float64)
+
+    def add(self, codes: torch.Tensor) -> None:
+        codes = codes.detach().to("cpu", torch.long)
+        per_book = codes.reshape(-1, self.counts.shape[0])  # (n, codebooks)
+        for book in range(self.counts.shape[0]):
+            self.counts[book] += torch.bincount(per_book[:, book], minlength=self.codebook_size)
+
+    def read_and_reset(self) -> dict[str, float]:
+        """Collective: every rank must call it at the same step."""
+        counts = all_reduce_sum(self.counts.clone())
+        self.counts.zero_()
+        total = counts.sum(dim=1, keepdim=True).clamp(min=1)
+        probs = counts / total
+        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=1)
+        return {
+            "codebook/usage": float((counts > 0).double().mean()),
+            "codebook/perplexity": float(entropy.exp().mean()),
+            "codebook/perplexity_fraction": float(entropy.exp().mean() / self.codebook_size),
+        }
+
+
+def psnr(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """PSNR in dB for pixels in [-1, 1] (peak-to-peak 2)."""
+    mse = torch.mean((real.float() - fake.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def side_by_side_gif(
+    real: torch.Tensor, fake: torch.Tensor, fps: int = 8
+) -> tuple[bytes, int, int]:
+    """(B, C, T, H, W) real and reconstruction in [-1, 1] -> GIF bytes of [real | fake] rows."""
+    pair = torch.cat([real, fake], dim=-1)  # (b, c, t, h, 2w)
+    pair = torch.cat(list(pair), dim=-2)  # (c, t, b*h, 2w)
+    frames = ((pair.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # (t, H, W, c)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    images = [Image.fromarray(frame[..., :3]) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=int(1000 / fps),
+        loop=0,
+    )
+    return buffer.getvalue(), frames.shape[1], frames.shape[2]
+
+
+class TensorBoard:
+    """A SummaryWriter on rank 0 (calls elsewhere do nothing), plus the same scalars as JSON
+    lines in `jsonl_path` for scripts."""
+
+    def __init__(self, log_dir: Path, enabled: bool, jsonl_path: Path | None = None) -> None:
+        self.writer = None
+        self.jsonl_path = jsonl_path if enabled else None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **values}, allow_nan=True) + "\n")
+
+    def video(self, tag: str, real: torch.Tensor, fake: torch.Tensor, step: int) -> None:
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        gif, height, width = side_by_side_gif(real, fake)
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+        summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+        self.writer._get_file_writer().add_summary(summary, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text.replace("\n", "  \n"), 0)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def memory_bytes() -> int:
+    """Peak device memory (CUDA) or current resident memory (CPU) of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

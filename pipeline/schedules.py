@@ -1,0 +1,29 @@
+"""Loss schedules as pure functions of the optimizer step (learning rates live in engines.py)."""
+
+from __future__ import annotations
+
+from pipeline.config import LossScheduleConfig
+
+
+def discriminator_active(step: int, schedule: LossScheduleConfig) -> bool:
+    return step >= schedule.discriminator_start_step
+
+
+def adversarial_ramp(step: int, schedule: LossScheduleConfig) -> float:
+    """0 before the discriminator starts, then a linear ramp to 1 over the warm-up."""
+    if not discriminator_active(step, schedule):
+        return 0.0
+    if schedule.adversarial_warmup_steps == 0:
+        return 1.0
+    done = step - schedule.discriminator_start_step + 1
+    return min(1.0, done / schedule.adversarial_warmup_steps)
+
+
+def gradient_penalty_now(step: int, schedule: LossScheduleConfig) -> tuple[bool, float]:
+    """(apply it this step, its scale): lazy regularisation every N steps, scaled by N so the
+    penalty's average strength does not depend on N."""
+    every = schedule.gradient_penalty_every
+    apply = discriminator_active(step, schedule) and (
+        (step - schedule.discriminator_start_step) % every == 0
+    )
+    return apply, float(every)

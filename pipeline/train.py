@@ -1,0 +1,90 @@
+"""Entry point: `python -m pipeline.train --config launch/configs/NAME.yaml [key.sub=value ...]`.
+
+Run one process per device under a launcher (deepspeed, torchrun, srun via launch/train.sh), or
+a single process without one. The config is fully validated, and the shard lists resolved,
+before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpointing import init_source
+from pipeline.config import TrainConfig, dump_config, load_config
+from pipeline.data import resolve_shards
+from pipeline.world import World
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the video tokenizer (two DeepSpeed engines)"
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML file, e.g. launch/configs/tiny_cpu.yaml"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=2e-4 num_steps=10")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def check_before_start(config: TrainConfig, world: World) -> None:
+    """Everything that can be checked without a process group: ValueError if anything is off."""
+    config.check_world_size(world.world_size)
+    if config.init_from:
+        init_source(Path(config.init_from))
+    if config.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    for section in (config.data, config.eval_data):
+        if section is None:
+            continue
+        if section.video_shards and section.image_batch_ratio < 1:
+            resolve_shards(section.video_shards, "video", require_existing=True)
+        if section.image_shards and (section.image_batch_ratio > 0 or section.mode == "eval"):
+            resolve_shards(section.image_shards, "image", require_existing=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    world = World.from_env()
+    logging.basicConfig(
+        level=logging.INFO if world.rank == 0 else logging.WARNING,
+        format=f"[rank {world.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config, args.overrides)
+        check_before_start(config, world)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if world.rank == 0:
+        print(f"resolved config ({world.world_size} rank(s)):\n{dump_config(config)}", flush=True)
+
+    from pipeline import engines
+    from pipeline.distributed import device_for, teardown
+    from pipeline.trainer import Trainer
+
+    if world.world_size > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    engines.init_deepspeed_distributed(world, config.process_group_timeout_s)
+    try:
+        trainer = Trainer(config, world, device_for(world))
+        trainer.train()
+    finally:
+        teardown()
+    if world.rank == 0:
+        print(f"training finished at step {trainer.step}: {config.output_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(parse_args())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo's threads have aborted the process there ("terminate
+    # called without an active exception") after all work was done and saved.
+    os._exit(code)

@@ -1,0 +1,351 @@
+"""The training run: `train()` sequences it, `train_step()` does one optimizer step of the
+generator and the discriminator.
+
+One iteration per micro-batch: one tokenizer forward; the generator update (discriminator
+frozen) on reconstruction + quantizer + perceptual + adaptive adversarial loss; the
+discriminator update on the detached reconstruction of that same forward, with the lazy gradient
+penalty. A non-finite loss or gradient makes DeepSpeed skip that engine's update on every rank
+(its overflow check all-reduces the flag); the trainer counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import VideoTokenizer
+from model.pretrained import save_pretrained
+from pipeline import engines as ds
+from pipeline import schedules
+from pipeline.checkpointing import Checkpointer, latest_checkpoint, module_weights, set_rng_state
+from pipeline.config import TrainConfig, dump_config
+from pipeline.data import Batch, ShardLoader
+from pipeline.distributed import is_distributed
+from pipeline.ema import EMA
+from pipeline.faults import Faults
+from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes, psnr
+from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.world import World
+
+logger = logging.getLogger(__name__)
+
+
+def _mean_across_ranks(probs: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce mean: LFQ's batch code distribution over all ranks."""
+    import torch.distributed.nn
+
+    return torch.distributed.nn.all_reduce(probs) / dist.get_world_size()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, world: World, device: torch.device) -> None:
+        self.config, self.world, self.device = config, world, device
+        self.output_dir = Path(config.output_dir)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            config.precision, torch.float32
+        )
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
+        tokenizer = VideoTokenizer.from_config(model_config)
+        critics = tokenizer.detach_discriminators() if tokenizer.discr is not None else None
+        if tokenizer.perceptual is not None:
+            tokenizer.perceptual.load()  # missing VGG weights: fail now, not at step 1
+        if config.init_from:
+            self._init_from(Path(config.init_from), tokenizer, critics)
+        if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
+            tokenizer.quantizer.batch_probs_reducer = _mean_across_ranks
+        tokenizer.to(device)
+        if critics is not None:
+            critics.to(device)
+        self.tokenizer, self.critics = tokenizer, critics
+        self.engines = ds.build_engines(
+            GeneratorObjective(tokenizer),
+            DiscriminatorObjective(critics, tokenizer.discriminator_loss) if critics else None,
+            config,
+            world,
+        )
+        self.ema = (
+            EMA(tokenizer, config.ema_decay, config.ema_start_step)
+            if (config.ema_decay > 0)
+            else None
+        )
+        seed = config.seed if config.deterministic else None
+        self.loader = ShardLoader(replace(config.data, seed=seed), world)
+        self.eval_loader = ShardLoader(config.eval_data, world) if config.eval_data else None
+        self.checkpointer = Checkpointer(
+            config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
+        )
+        self.tensorboard = TensorBoard(
+            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
+        )
+        self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks)
+        self.faults = Faults(config.faults, world.rank, self.output_dir)
+        self.step = 0
+        self.counters = {"nonfinite_losses": 0}
+        self.fixed_batch: torch.Tensor | None = None
+
+    # The schedule of the run.
+
+    def train(self) -> None:
+        config = self.config
+        self.maybe_resume()
+        self.tensorboard.text("config", dump_config(config))
+        batches = iter(self.loader)
+        progress = tqdm(
+            total=config.num_steps,
+            initial=self.step,
+            disable=self.world.rank != 0,
+            dynamic_ncols=True,
+            desc="train",
+        )
+        window: dict[str, list[float]] = defaultdict(list)
+        while self.step < config.num_steps:
+            self.faults.at_step_start(self.step)
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+            data_wait = time.perf_counter() - start
+            metrics = self.train_step(micro_batches)
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.tokenizer, self.step)
+            elapsed = time.perf_counter() - start
+            metrics["perf/data_wait_share"] = data_wait / elapsed
+            metrics["perf/step_time_s"] = elapsed
+            metrics["perf/clips_per_s"] = (
+                config.micro_batch_size * len(micro_batches) * (self.world.world_size) / elapsed
+            )
+            for key, value in metrics.items():
+                window[key].append(value)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss/generator_total']:.4f}")
+            if self.step % config.log_every == 0 or self.step == config.num_steps:
+                self.log(window)
+                window.clear()
+            if config.video_log_every and self.step % config.video_log_every == 0:
+                self.log_video(micro_batches[-1])
+            if self.step % config.eval_every == 0 or self.step == config.num_steps:
+                self.evaluate()
+            if self.step % config.checkpoint_every == 0 or self.step == config.num_steps:
+                self.save()
+        progress.close()
+        if config.export_on_finish:
+            self.export()
+        self.tensorboard.close()
+
+    def to_video(self, batch: Batch) -> torch.Tensor:
+        pixels = batch.pixels(self.device, self.dtype)
+        return pixels.unsqueeze(2) if batch.kind == "image" else pixels  # images: 1 frame
+
+    # One optimizer step.
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        config, engines = self.config, self.engines
+        schedule = config.losses
+        adversarial = config.model.adversarial_loss_weight * schedules.adversarial_ramp(
+            self.step, schedule
+        )
+        train_discriminator = engines.discriminator is not None and (
+            schedules.discriminator_active(self.step, schedule)
+        )
+        apply_gp, gp_scale = schedules.gradient_penalty_now(self.step, schedule)
+        skipped_before = [
+            ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e is not None
+        ]
+        # Summed on the device, read once per step: one host sync instead of one per value.
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for batch in micro_batches:
+            video = self.faults.poison(self.step, self.to_video(batch))  # (b, c, t, h, w)
+            sums["data/image_batch_share"] += float(batch.kind == "image")
+            if self.fixed_batch is None:
+                self.fixed_batch = video[:2].detach().float().clone()
+            with frozen_parameters(self.critics):
+                loss, recon, codes, parts = engines.generator(video, adversarial)
+                engines.generator.backward(loss)
+            engines.generator.step()
+            self.codebook.add(codes)
+            _add_generator_terms(sums, loss.detach(), parts)
+            if train_discriminator:
+                d_loss, d_parts, logits = engines.discriminator(video, recon, apply_gp, gp_scale)
+                engines.discriminator.backward(d_loss)
+                engines.discriminator.step()
+                sums["loss/discriminator_total"] += d_loss.detach().float()
+                sums["loss/discriminator_hinge"] += d_parts.discr_loss.float()
+                if apply_gp:
+                    sums["loss/gradient_penalty"] += d_parts.gradient_penalty.float()
+                sums["discriminator/logits_real"] += logits["real"]
+                sums["discriminator/logits_fake"] += logits["fake"]
+        keys = sorted(sums)
+        values = torch.stack([sums[k].float() for k in keys]).tolist()
+        metrics = {k: v / len(micro_batches) for k, v in zip(keys, values, strict=True)}
+        metrics["health/nonfinite_losses"] *= len(micro_batches)  # a count, not a mean
+        skipped_after = [
+            ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e is not None
+        ]
+        metrics["health/skipped_updates"] = float(sum(skipped_after) - sum(skipped_before))
+        metrics["loss/adversarial_weight"] = adversarial
+        return metrics
+
+    # Observability.
+
+    def log(self, window: dict[str, list[float]]) -> None:
+        """Window means, averaged across ranks (a collective), to TensorBoard on rank 0."""
+        nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
+        keys = sorted(window)
+        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
+        if is_distributed():
+            dist.all_reduce(local)
+            local /= self.world.world_size
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        values = dict(zip(keys, local.tolist(), strict=True))
+        self.counters["nonfinite_losses"] += int((nonfinite > 0).sum())  # steps, on any rank
+        engines = self.engines
+        values["lr/generator"] = float(engines.generator.get_lr()[0])
+        values["grad_norm/generator"] = ds.global_grad_norm(engines.generator)
+        if engines.discriminator is not None:
+            values["lr/discriminator"] = float(engines.discriminator.get_lr()[0])
+            values["grad_norm/discriminator"] = ds.global_grad_norm(engines.discriminator)
+        if self.step % self.config.codebook_stats_window == 0 or self.step == self.config.num_steps:
+            values.update(self.codebook.read_and_reset())
+        values["perf/memory_gib"] = memory_bytes() / 2**30
+        values["health/nonfinite_losses_total"] = float(self.counters["nonfinite_losses"])
+        values["health/skipped_updates_total"] = float(
+            sum(ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e)
+        )
+        values.update({f"data/{k}": float(v) for k, v in self.loader.stats.items()})
+        self.tensorboard.scalars(values, self.step)
+        if self.world.rank == 0:
+            logger.info(
+                "step %d: %s",
+                self.step,
+                ", ".join(
+                    f"{k}={v:.4g}"
+                    for k, v in values.items()
+                    if k.startswith("loss/") and v is not None
+                ),
+            )
+
+    def log_video(self, batch: Batch) -> None:
+        if self.world.rank != 0:
+            return
+        video = self.to_video(batch)[:2].float()
+        model = self.inference_model()
+        with torch.no_grad():
+            recon = model(video)
+        self.tensorboard.video("reconstruction/real_vs_recon", video, recon, self.step)
+
+    def inference_model(self) -> VideoTokenizer:
+        """A fp32 copy of the generator with the EMA weights (or the current ones)."""
+        config = replace(
+            self.config.model,
+            use_gan=False,
+            perceptual_loss_weight=0.0,
+            discriminator=None,
+            gradient_checkpointing=False,
+        )
+        with torch.random.fork_rng(devices=[]):  # initialisation must not shift the run's RNG
+            model = VideoTokenizer.from_config(config).to(self.device)
+        state = self.ema.state_dict_for(self.tokenizer) if self.ema else self.tokenizer.state_dict()
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        )
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR of the EMA model on the fixed batch and on held-out batches, over all ranks."""
+        model = self.inference_model()
+        totals = torch.zeros(4, dtype=torch.float64)  # fixed psnr, 1, eval psnr sum, count
+        if self.fixed_batch is not None:
+            totals[0] = psnr(self.fixed_batch, model(self.fixed_batch))
+            totals[1] = 1
+        if self.eval_loader is not None:
+            for index, batch in enumerate(self.eval_loader):
+                if index >= self.config.eval_batches:
+                    break
+                video = batch.pixels(self.device)
+                video = video.unsqueeze(2) if batch.kind == "image" else video
+                totals[2] += psnr(video, model(video)) * video.shape[0]
+                totals[3] += video.shape[0]
+        if is_distributed():
+            dist.all_reduce(totals)
+        values = {"eval/psnr_fixed_batch": float(totals[0] / max(totals[1], 1))}
+        if totals[3] > 0:
+            values["eval/psnr"] = float(totals[2] / totals[3])
+        self.tensorboard.scalars(values, self.step)
+        return values
+
+    # Checkpoints and exports.
+
+    def save(self) -> None:
+        self.checkpointer.save(
+            self.step,
+            self.engines,
+            self.ema.state_dict() if self.ema else None,
+            self.loader.state_dict(),
+            {"counters": self.counters},
+            fault_hook=self.faults.during_save(self.step),
+        )
+        self.tensorboard.flush()
+
+    def maybe_resume(self) -> None:
+        checkpoint = latest_checkpoint(self.config.checkpoint_dir)
+        if checkpoint is None:
+            return
+        restored = self.checkpointer.restore(checkpoint, self.engines)
+        self.step = int(restored["trainer"]["step"])
+        self.counters.update(restored["trainer"].get("counters", {}))
+        if self.ema is not None and restored["ema"] is not None:
+            self.ema.load_state_dict(restored["ema"])
+        if restored["loader"] is not None:
+            self.loader.load_state_dict(restored["loader"])
+        if restored["rng"] is not None:
+            set_rng_state(restored["rng"])
+        if self.world.rank == 0:
+            logger.info("resumed from %s at step %d", checkpoint.path, self.step)
+
+    def export(self) -> Path | None:
+        """The EMA generator as safetensors + config JSON, loadable without DeepSpeed."""
+        if self.world.rank != 0:
+            return None
+        state = self.ema.state_dict_for(self.tokenizer) if self.ema else None
+        path = save_pretrained(
+            self.tokenizer,
+            self.output_dir / "export",
+            state_dict=state,
+            metadata={"step": self.step, "ema": self.ema is not None},
+        )
+        logger.info("exported the %s generator to %s", "EMA" if self.ema else "final", path)
+        return path
+
+    def _init_from(self, source: Path, tokenizer: VideoTokenizer, critics) -> None:
+        generator, discriminator = module_weights(source)
+        generator = {k.removeprefix("tokenizer."): v for k, v in generator.items()}
+        tokenizer.load_state_dict(generator)
+        if critics is not None and discriminator is not None:
+            critics.load_state_dict(
+                {k.removeprefix("critics."): v for k, v in discriminator.items()}
+            )
+        if self.world.rank == 0:
+            logger.info("initialised weights from %s (fresh optimizer state)", source)
+
+
+def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
+    sums["loss/generator_total"] += loss.float()
+    sums["health/nonfinite_losses"] += (~torch.isfinite(loss)).float()
+    sums["loss/recon"] += parts.recon_loss.float()
+    sums["loss/quantizer_aux"] += parts.lfq_aux_loss.float()
+    sums["loss/perceptual"] += parts.perceptual_loss.float()
+    sums["loss/adversarial_gen"] += parts.adversarial_gen_loss.float()
+    sums["loss/adaptive_weight"] += parts.adaptive_adversarial_weight.float()
+    quantizer = parts.quantizer_loss_breakdown
+    if quantizer is not None:
+        sums["codebook/per_sample_entropy"] += quantizer.per_sample_entropy.float()
+        sums["codebook/batch_entropy"] += quantizer.batch_entropy.float()
+        sums["loss/commitment"] += quantizer.commitment.float()
