@@ -54,16 +54,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--skip-memory", action="store_true")
     # internal: measure one (implementation, step) in this process and print JSON
-    parser.add_argument("--memory-of", nargs=3, metavar=("IMPL", "STEP", "MODE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-of", nargs=3, metavar=("IMPL", "STEP", "MODE"), help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
 def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16(weights=None)  # random weights: none are available offline
-    kwargs = dict(image_size=args.size, init_dim=args.init_dim, layers=LAYERS,
-                  codebook_size=args.codebook_size, use_gan=True, perceptual_loss_weight=0.1)
+    kwargs = dict(
+        image_size=args.size,
+        init_dim=args.init_dim,
+        layers=LAYERS,
+        codebook_size=args.codebook_size,
+        use_gan=True,
+        perceptual_loss_weight=0.1,
+    )
     if impl == "reference":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -71,8 +78,11 @@ def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
         vgg.classifier = torch.nn.Sequential(*list(vgg.classifier)[:-2])
         model = ReferenceTokenizer(**kwargs, vgg=vgg)
     else:
-        model = VideoTokenizer(**kwargs, vgg=vgg16_fc7_features(copy.deepcopy(vgg)),
-                               gradient_checkpointing=impl.endswith("checkpointing"))
+        model = VideoTokenizer(
+            **kwargs,
+            vgg=vgg16_fc7_features(copy.deepcopy(vgg)),
+            gradient_checkpointing=impl.endswith("checkpointing"),
+        )
     return model.train()
 
 
@@ -146,8 +156,9 @@ def measure_memory(impl: str, step: str, args: argparse.Namespace, profiled: boo
         fn()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"peak_rss_above_start_bytes": max(0, peak_rss - rss_before)}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -172,10 +183,26 @@ def memory_in_subprocess(impl: str, step: str, args: argparse.Namespace) -> dict
 
 
 def _one_memory_subprocess(impl: str, step: str, mode: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--memory-of", impl, step, mode, "--size", str(args.size),
-               "--frames", str(args.frames), "--batch", str(args.batch), "--init-dim",
-               str(args.init_dim), "--codebook-size", str(args.codebook_size),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        impl,
+        step,
+        mode,
+        "--size",
+        str(args.size),
+        "--frames",
+        str(args.frames),
+        "--batch",
+        str(args.batch),
+        "--init-dim",
+        str(args.init_dim),
+        "--codebook-size",
+        str(args.codebook_size),
+        "--threads",
+        str(args.threads),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -189,13 +216,23 @@ def main(args: argparse.Namespace) -> dict:
     video = make_video(args)
     models = {impl: build(impl, args) for impl in IMPLEMENTATIONS}
     results: dict = {
-        "config": {"layers": LAYERS, "size": args.size, "frames": args.frames,
-                   "batch": args.batch, "init_dim": args.init_dim,
-                   "codebook_size": args.codebook_size, "threads": args.threads,
-                   "perceptual": "VGG16 fc7 (random weights)", "gan": True},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu": platform.processor() or platform.machine(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "config": {
+            "layers": LAYERS,
+            "size": args.size,
+            "frames": args.frames,
+            "batch": args.batch,
+            "init_dim": args.init_dim,
+            "codebook_size": args.codebook_size,
+            "threads": args.threads,
+            "perceptual": "VGG16 fc7 (random weights)",
+            "gan": True,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
         "steps": {},
     }
     for step in ("generator", "discriminator"):
@@ -210,22 +247,28 @@ def main(args: argparse.Namespace) -> dict:
         step_results = {}
         for impl in fns:
             median = statistics.median(times[impl])
-            step_results[impl] = {"seconds_median": median, "seconds_all": times[impl],
-                                  "gflop": flops[impl] / 1e9,
-                                  "gflop_per_s": flops[impl] / 1e9 / median}
+            step_results[impl] = {
+                "seconds_median": median,
+                "seconds_all": times[impl],
+                "gflop": flops[impl] / 1e9,
+                "gflop_per_s": flops[impl] / 1e9 / median,
+            }
             if not args.skip_memory:
                 step_results[impl].update(memory_in_subprocess(impl, step, args))
         reference = step_results["reference"]
         for impl in ("ours", "ours+checkpointing"):
             step_results[impl]["speedup_vs_reference"] = (
-                reference["seconds_median"] / step_results[impl]["seconds_median"])
+                reference["seconds_median"] / step_results[impl]["seconds_median"]
+            )
             if not args.skip_memory:
                 step_results[impl]["peak_step_memory_vs_reference"] = (
-                    step_results[impl]["peak_step_bytes"] / reference["peak_step_bytes"])
+                    step_results[impl]["peak_step_bytes"] / reference["peak_step_bytes"]
+                )
         if not args.skip_memory:
             step_results["ours+checkpointing"]["peak_step_memory_vs_ours"] = (
                 step_results["ours+checkpointing"]["peak_step_bytes"]
-                / step_results["ours"]["peak_step_bytes"])
+                / step_results["ours"]["peak_step_bytes"]
+            )
         results["steps"][step] = step_results
     print_table(results)
     if args.out:
@@ -242,11 +285,15 @@ def print_table(results: dict) -> None:
     for step, rows in results["steps"].items():
         for impl, row in rows.items():
             speedup = row.get("speedup_vs_reference")
-            line = (f"{step:<14}{impl:<20}{row['seconds_median']:>9.2f}{row['gflop']:>8.1f}"
-                    f"{row['gflop_per_s']:>9.1f}{(f'{speedup:.2f}x' if speedup else '-'):>9}")
+            line = (
+                f"{step:<14}{impl:<20}{row['seconds_median']:>9.2f}{row['gflop']:>8.1f}"
+                f"{row['gflop_per_s']:>9.1f}{(f'{speedup:.2f}x' if speedup else '-'):>9}"
+            )
             if "peak_step_bytes" in row:
-                line += (f"{row['peak_step_bytes'] / 2**20:>15.0f}"
-                         f"{row['peak_rss_above_start_bytes'] / 2**20:>14.0f}")
+                line += (
+                    f"{row['peak_step_bytes'] / 2**20:>15.0f}"
+                    f"{row['peak_rss_above_start_bytes'] / 2**20:>14.0f}"
+                )
             print(line)
 
 

@@ -436,8 +436,12 @@ class VideoTokenizer(nn.Module):
         logits_out: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, objectives.DiscrLossBreakdown]:
         return objectives.discriminator_loss(
-            self, video, recon, apply_gradient_penalty=apply_gradient_penalty,
-            gradient_penalty_scale=gradient_penalty_scale, logits_out=logits_out,
+            self,
+            video,
+            recon,
+            apply_gradient_penalty=apply_gradient_penalty,
+            gradient_penalty_scale=gradient_penalty_scale,
+            logits_out=logits_out,
         )
 
     def forward(

@@ -129,6 +129,9 @@ class TrainConfig:
     """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""
     eval_every: int = 500
     eval_batches: int = 8
+    """Batches per rank at each evaluation (pipeline.evaluate over eval_data)."""
+    eval_videos: int = 2
+    """Real | reconstruction mp4s written to OUTPUT_DIR/eval/step_N/ at each evaluation."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     export_on_finish: bool = True
@@ -155,6 +158,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_videos < 0:
+            raise ValueError(f"eval_videos must be >= 0, got {self.eval_videos}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.zero_stage not in (1, 2):
@@ -276,7 +281,10 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
     data_section = data_config(data.pop("data"), "data", "train")
     eval_section = data.pop("eval_data", None)
-    eval_data = None if eval_section is None else data_config(eval_section, "eval_data", "eval")
+    eval_data = None
+    if eval_section is not None:  # clips as long as the training clips unless set
+        eval_section = {"num_frames": data_section.num_frames, **eval_section}
+        eval_data = data_config(eval_section, "eval_data", "eval")
     sections = {
         key: _build(cls, data.pop(key), key) for key, cls in _SECTIONS.items() if key in data
     }

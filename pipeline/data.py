@@ -232,6 +232,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         }
         if config.mode == "eval":
             yield from chain(streams["video"], streams["image"])
+            # Counters travel with batches; samples skipped after the last batch (or in a worker
+            # that made none) would be lost, and evaluation reports them.
+            yield {"kind": None, "keys": [], "stats": stats.snapshot(), "worker": world.worker_id}
             return
         batches = partial(interleave, streams["video"], streams["image"], config.image_batch_ratio)
         per_worker = math.ceil(config.steps_per_epoch / world.num_workers)
@@ -309,6 +312,8 @@ class ShardLoader:
         )
         for raw in loader:
             self._stats_now[raw["worker"]] = raw["stats"]
+            if raw["kind"] is None:  # a worker's final counters, no pixels
+                continue
             self.samples_seen += len(raw["keys"])
             self.batches_seen += 1
             yield Batch(raw["kind"], raw["pixels"], raw["keys"], raw["worker"])

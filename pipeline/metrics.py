@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.distributed import all_reduce_sum
+from pipeline.quality import CodeHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -24,33 +25,22 @@ class CodebookStats:
     codebook in use and the perplexity (exp of the code entropy; the codebook size at best)."""
 
     def __init__(self, codebook_size: int, num_codebooks: int) -> None:
-        self.codebook_size = codebook_size
-        self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.float64)
+        self.histogram = CodeHistogram(codebook_size, num_codebooks, torch.device("cpu"))
 
     def add(self, codes: torch.Tensor) -> None:
-        codes = codes.detach().to("cpu", torch.long)
-        per_book = codes.reshape(-1, self.counts.shape[0])  # (n, codebooks)
-        for book in range(self.counts.shape[0]):
-            self.counts[book] += torch.bincount(per_book[:, book], minlength=self.codebook_size)
+        self.histogram.add(codes.detach().to("cpu", torch.long))
 
     def read_and_reset(self) -> dict[str, float]:
         """Collective: every rank must call it at the same step."""
-        counts = all_reduce_sum(self.counts.clone())
-        self.counts.zero_()
-        total = counts.sum(dim=1, keepdim=True).clamp(min=1)
-        probs = counts / total
-        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=1)
-        return {
-            "codebook/usage": float((counts > 0).double().mean()),
-            "codebook/perplexity": float(entropy.exp().mean()),
-            "codebook/perplexity_fraction": float(entropy.exp().mean() / self.codebook_size),
+        all_reduce_sum(self.histogram.counts)
+        perplexity = self.histogram.perplexity()
+        values = {
+            "codebook/usage": self.histogram.usage(),
+            "codebook/perplexity": perplexity,
+            "codebook/perplexity_fraction": perplexity / self.histogram.codebook_size,
         }
-
-
-def psnr(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """PSNR in dB for pixels in [-1, 1] (peak-to-peak 2)."""
-    mse = torch.mean((real.float() - fake.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+        self.histogram.counts.zero_()
+        return values
 
 
 def side_by_side_gif(

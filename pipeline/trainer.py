@@ -27,11 +27,14 @@ from pipeline import schedules
 from pipeline.checkpointing import Checkpointer, latest_checkpoint, module_weights, set_rng_state
 from pipeline.config import TrainConfig, dump_config
 from pipeline.data import Batch, ShardLoader
-from pipeline.distributed import is_distributed
+from pipeline.distributed import all_reduce_sum, is_distributed
 from pipeline.ema import EMA
+from pipeline.evaluate import SideBySideWriter, evaluate, write_reports
 from pipeline.faults import Faults
-from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes, psnr
+from pipeline.inference import autocast_for
+from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
 from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.quality import load_lpips, psnr_per_clip, to_unit_range
 from pipeline.world import World
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ class Trainer:
         seed = config.seed if config.deterministic else None
         self.loader = ShardLoader(replace(config.data, seed=seed), world)
         self.eval_loader = ShardLoader(config.eval_data, world) if config.eval_data else None
+        # LPIPS only when its package and AlexNet weights are on disk; the note says which.
+        self.lpips = load_lpips(device) if config.eval_data else None
         self.checkpointer = Checkpointer(
             config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
         )
@@ -259,25 +264,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """PSNR of the EMA model on the fixed batch and on held-out batches, over all ranks."""
+        """The EMA model on the fixed training batch, and on the held-out shards through
+        `pipeline.evaluate` (PSNR, SSIM, LPIPS when available, codebook usage and perplexity;
+        clips.csv, summary.json and a few real | reconstruction mp4s under OUTPUT_DIR/eval/)."""
         model = self.inference_model()
-        totals = torch.zeros(4, dtype=torch.float64)  # fixed psnr, 1, eval psnr sum, count
+        values: dict[str, float] = {}
         if self.fixed_batch is not None:
-            totals[0] = psnr(self.fixed_batch, model(self.fixed_batch))
-            totals[1] = 1
+            real = to_unit_range(self.fixed_batch)
+            with autocast_for(self.device, True):
+                recon = to_unit_range(model(self.fixed_batch))
+            fixed = torch.stack(
+                (psnr_per_clip(real, recon).mean().double(), real.new_ones((), dtype=torch.float64))
+            )
+            all_reduce_sum(fixed)  # every rank has its own fixed batch
+            values["eval/psnr_fixed_batch"] = float(fixed[0] / fixed[1])
         if self.eval_loader is not None:
-            for index, batch in enumerate(self.eval_loader):
-                if index >= self.config.eval_batches:
-                    break
-                video = batch.pixels(self.device)
-                video = video.unsqueeze(2) if batch.kind == "image" else video
-                totals[2] += psnr(video, model(video)) * video.shape[0]
-                totals[3] += video.shape[0]
-        if is_distributed():
-            dist.all_reduce(totals)
-        values = {"eval/psnr_fixed_batch": float(totals[0] / max(totals[1], 1))}
-        if totals[3] > 0:
-            values["eval/psnr"] = float(totals[2] / totals[3])
+            folder = self.output_dir / "eval" / f"step_{self.step:08d}"
+            writer = SideBySideWriter(folder / "videos", self.config.eval_videos)
+            result = evaluate(
+                model,
+                self.eval_loader,
+                self.world,
+                self.device,
+                max_batches=self.config.eval_batches,
+                video_writer=writer if self.config.eval_videos else None,
+                lpips_model=self.lpips.model,
+                lpips_note=self.lpips.note,
+            )
+            values.update(result.scalars())
+            if self.world.rank == 0:
+                write_reports(result, folder, {"step": self.step})
         self.tensorboard.scalars(values, self.step)
         return values
 

@@ -190,6 +190,17 @@ def test_pyav_backend_matches_decord(synthetic_dataset):
         assert torch.equal(clip, results["pyav"][key]), key
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_mode_counts_skips_after_the_last_batch(synthetic_dataset, num_workers):
+    """Counters travel with batches; a worker whose samples are all skipped still reports them
+    (the evaluator's summary lists the skipped samples)."""
+    videos = [m for m, _, _ in read_samples(synthetic_dataset).values() if m.kind == "video"]
+    loader = ShardLoader(_config([synthetic_dataset], num_frames=1001, num_workers=num_workers))
+    assert _take(loader, 100) == []
+    assert loader.stats["bad_too_short"] == len(videos) > 0
+    assert loader.stats["samples"] == loader.stats["batches"] == 0
+
+
 def test_eval_mode_with_fewer_shards_than_readers(tmp_path):
     path = write_video(str(tmp_path / "v.mp4"), pattern_frames(27, 48, 32))
     shard([path], str(tmp_path / "out"), num_frames=9, size=32, workers=1)

@@ -68,3 +68,11 @@ def test_the_shipped_configs_load():
         config = load_config(CONFIG.parent / f"{name}.yaml")
         assert config.model.time_downsample_factor == 4
         assert (config.data.num_frames - 1) % 4 == 0
+
+
+def test_eval_clips_are_as_long_as_training_clips_unless_set():
+    shards = "[/data/heldout]"
+    config = load_config(CONFIG, [f"eval_data.video_shards={shards}", "data.num_frames=9"])
+    assert config.eval_data.num_frames == 9 and config.eval_data.mode == "eval"
+    config = load_config(CONFIG, [f"eval_data.video_shards={shards}", "eval_data.num_frames=17"])
+    assert config.eval_data.num_frames == 17

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -42,6 +43,10 @@ SCALARS = {
     "perf/data_wait_share",
     "perf/memory_gib",
     "eval/psnr_fixed_batch",
+    "eval/psnr",
+    "eval/ssim",
+    "eval/codebook_usage",
+    "eval/perplexity",
     "health/skipped_updates",
 }
 
@@ -62,7 +67,10 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
         video_shards,
         video_log_every=3,
         eval_every=3,
+        eval_batches=1,
+        eval_videos=1,
         codebook_stats_window=3,
+        **{"eval_data.video_shards": f"[{video_shards}]", "eval_data.num_workers": 1},
         **{"faults.kill_at_step": 4, "faults.on_rank": 1},
     )
     crashed = deepspeed_launch(overrides)
@@ -86,6 +94,13 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     events.Reload()
     assert SCALARS <= set(events.Tags()["scalars"]), SCALARS - set(events.Tags()["scalars"])
     assert "reconstruction/real_vs_recon" in events.Tags()["images"]
+    # The evaluation at step 6 (pipeline.evaluate): the one shard is rank 0's, eval_batches=1
+    # batch of 2 clips; reports and a video.
+    summary = json.loads((out / "eval" / "step_00000006" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["num_clips"] == 2, summary
+    assert summary["psnr"] > 0 and 0 < summary["codebook_usage"] <= 1, summary
+    assert len((out / "eval" / "step_00000006" / "clips.csv").read_text().splitlines()) == 3
+    assert len(list((out / "eval" / "step_00000006" / "videos").glob("*.mp4"))) == 1
 
     from model.pretrained import load_pretrained
 
