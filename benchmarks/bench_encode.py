@@ -3,11 +3,16 @@ any-length (chunked) encoding as the video grows.
 
 Speed: the same config, the same weights (the reference's, converted) and the same input, the
 implementations interleaved run by run, medians of --repeats runs, in clips/s:
-- reference: `tokenize(video)` as magvit2-pytorch offers it (it keeps the autograd graph);
-- reference-no-grad: the same under `torch.no_grad()`;
+- reference: magvit2-pytorch's `tokenize(video)` (under `torch.no_grad()`, in eval mode);
 - ours-quirks: `tokenize` with `reference_quirks=True` (identical numerics; the codes are
   checked to be equal);
 - ours: `tokenize` with the default settings.
+Presets: "card" is the reference card's usage example (128 x 128, 17 frames, init_dim 64,
+space attention at 64 x 64; batch 1, since the reference's attention matrices for a batch of 2
+need over 20 GiB); "convs" and "every-kind" are smaller (--size, --init-dim, --batch). For
+each preset, the peak RSS of one tokenize call per implementation, each in a fresh process.
+On CPU the reference computes attention as an explicit softmax; on CUDA it calls
+`scaled_dot_product_attention` as we do, so there the gap from attention is smaller.
 
 Memory: for each video length, in a fresh subprocess, the peak of live tensor bytes during one
 encode above what was live before it (the input video), from the profiler's memory timeline,
@@ -42,32 +47,50 @@ from model import VideoTokenizer  # noqa: E402
 from model.convert import load_reference_checkpoint  # noqa: E402
 
 PRESETS = {
+    # The reference card's usage example.
+    "card": {
+        "layers": (
+            "residual",
+            "compress_space",
+            "residual",
+            "compress_time",
+            "attend_space",
+            "residual",
+        ),
+        "size": 128,
+        "init_dim": 64,
+        "batch": 1,
+    },
     # Convolution-heavy: residual stacks with one space attention (bench_model.py's kind).
-    "convs": (
-        "residual",
-        "compress_space",
-        ("consecutive_residual", 2),
-        "compress_time",
-        "attend_space",
-        "residual",
-        "compress_time",
-        "residual",
-    ),
+    "convs": {
+        "layers": (
+            "residual",
+            "compress_space",
+            ("consecutive_residual", 2),
+            "compress_time",
+            "attend_space",
+            "residual",
+            "compress_time",
+            "residual",
+        ),
+    },
     # Every unconditioned layer kind.
-    "every-kind": (
-        "residual",
-        "compress_space",
-        "attend_space",
-        "compress_time",
-        "linear_attend_space",
-        "attend_time",
-        "gateloop_time",
-        ("consecutive_residual", 2),
-        "compress_time",
-    ),
+    "every-kind": {
+        "layers": (
+            "residual",
+            "compress_space",
+            "attend_space",
+            "compress_time",
+            "linear_attend_space",
+            "attend_time",
+            "gateloop_time",
+            ("consecutive_residual", 2),
+            "compress_time",
+        ),
+    },
 }
 MEMORY_PRESET = "convs"
-IMPLEMENTATIONS = ("reference", "reference-no-grad", "ours-quirks", "ours")
+IMPLEMENTATIONS = ("reference", "ours-quirks", "ours")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,8 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-frames", type=int, nargs="*", default=[33, 65, 129, 257])
     parser.add_argument("--chunk-frames", type=int, default=16)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    # internal: measure one (variant, mode, frames) in this process and print JSON
+    # internal: measure one (variant, mode, frames) or (preset, impl) in this process, print JSON
+    parser.add_argument("--rss-of", nargs=2, metavar=("PRESET", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--memory-of", nargs=3, metavar=("VARIANT", "MODE", "FRAMES"), help=argparse.SUPPRESS
     )
@@ -130,42 +156,71 @@ def make_video(batch: int, frames: int, size: int) -> torch.Tensor:
     return torch.rand(batch, 3, frames, size, size, generator=generator) * 2 - 1
 
 
-def speed(args: argparse.Namespace, layers: tuple) -> dict:
-    models = build_models(args, layers)
-    video = make_video(args.batch, args.frames, args.size)
+def preset_settings(args: argparse.Namespace, preset: str) -> argparse.Namespace:
+    """The command-line settings with the preset's own size, init_dim and batch."""
+    own = {k: v for k, v in PRESETS[preset].items() if k != "layers"}
+    return argparse.Namespace(**{**vars(args), **own})
 
-    def reference_no_grad():
-        with torch.no_grad():
-            return models["reference"].tokenize(video)
 
-    fns = {
-        "reference": lambda: models["reference"].tokenize(video),
-        "reference-no-grad": reference_no_grad,
-        "ours-quirks": lambda: models["ours-quirks"].tokenize(video),
-        "ours": lambda: models["ours"].tokenize(video),
-    }
-    codes = {impl: fn() for impl, fn in fns.items()}  # warm-up, and the equality check
-    same = torch.equal(codes["ours-quirks"], codes["reference-no-grad"].long())
+def speed(args: argparse.Namespace, preset: str) -> dict:
+    settings = preset_settings(args, preset)
+    models = build_models(settings, PRESETS[preset]["layers"])
+    video = make_video(settings.batch, settings.frames, settings.size)
+    fns = {impl: models[impl].tokenize for impl in IMPLEMENTATIONS}
+    codes = {impl: fn(video) for impl, fn in fns.items()}  # warm-up, and the equality check
+    same = torch.equal(codes["ours-quirks"], codes["reference"].long())
+    del models, codes
     times: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(args.repeats):
         for impl, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            fn(video)
             times[impl].append(time.perf_counter() - start)
     rows = {}
     for impl in fns:
         median = statistics.median(times[impl])
         rows[impl] = {
             "seconds_median": median,
-            "clips_per_s": args.batch / median,
+            "clips_per_s": settings.batch / median,
             "seconds_all": times[impl],
+            **rss_in_subprocess(preset, impl, args),
         }
     for impl in ("ours-quirks", "ours"):
-        for base in ("reference", "reference-no-grad"):
-            rows[impl][f"speedup_vs_{base}"] = (
-                rows[base]["seconds_median"] / rows[impl]["seconds_median"]
-            )
-    return {"rows": rows, "ours_quirks_codes_equal_reference": same}
+        rows[impl]["speedup_vs_reference"] = (
+            rows["reference"]["seconds_median"] / rows[impl]["seconds_median"]
+        )
+    settings_out = {k: getattr(settings, k) for k in ("size", "init_dim", "batch", "frames")}
+    return {"settings": settings_out, "rows": rows, "ours_quirks_codes_equal_reference": same}
+
+
+def measure_rss(preset: str, impl: str, args: argparse.Namespace) -> dict:
+    """Peak RSS of one tokenize call of `impl` in this (fresh) process, and its growth."""
+    settings = preset_settings(args, preset)
+    kwargs = model_kwargs(settings, PRESETS[preset]["layers"])
+    torch.manual_seed(0)
+    if impl == "reference":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from magvit2_pytorch import VideoTokenizer as ReferenceTokenizer
+        model = ReferenceTokenizer(**kwargs)
+    else:
+        model = VideoTokenizer(**kwargs, reference_quirks=impl == "ours-quirks")
+    video = make_video(settings.batch, settings.frames, settings.size)
+    _peak_rss_since_reset(reset=True)
+    rss_before = _rss_bytes()
+    model.eval().tokenize(video)
+    peak = _peak_rss_since_reset()
+    return {"peak_rss_bytes": peak, "peak_rss_above_start_bytes": peak - rss_before}
+
+
+def rss_in_subprocess(preset: str, impl: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--rss-of", preset, impl]
+    command += ["--frames", str(args.frames), "--threads", str(args.threads)]
+    command += ["--size", str(args.size), "--init-dim", str(args.init_dim)]
+    command += ["--batch", str(args.batch), "--codebook-size", str(args.codebook_size)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see memory_in_subprocess
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _rss_bytes() -> int:
@@ -189,7 +244,7 @@ def measure_memory(variant: str, mode: str, frames: int, args: argparse.Namespac
     process's peak RSS over an unprofiled run (model, input and all)."""
     from torch.profiler import ProfilerActivity, profile
 
-    layers = PRESETS[MEMORY_PRESET]
+    layers = PRESETS[MEMORY_PRESET]["layers"]
     layers = (*layers, "attend_time") if variant == "with-attend-time" else layers
     torch.manual_seed(0)
     model = VideoTokenizer(**model_kwargs(args, layers)).eval()
@@ -257,6 +312,9 @@ def main(args: argparse.Namespace) -> dict:
         variant, mode, frames = args.memory_of
         print(json.dumps(measure_memory(variant, mode, int(frames), args)))
         return {}
+    if args.rss_of:
+        print(json.dumps(measure_rss(*args.rss_of, args)))
+        return {}
     results: dict = {
         "config": {
             "presets": PRESETS,
@@ -277,9 +335,9 @@ def main(args: argparse.Namespace) -> dict:
         },
     }
     if not args.skip_speed:
-        results["speed"] = {name: speed(args, layers) for name, layers in PRESETS.items()}
+        results["speed"] = {name: speed(args, name) for name in args.presets}
     results["memory"] = {}
-    for variant in ("speed-config", "with-attend-time"):
+    for variant in () if args.skip_memory else ("speed-config", "with-attend-time"):
         rows = {}
         for frames in args.memory_frames:
             rows[frames] = {
@@ -297,13 +355,13 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_tables(results: dict) -> None:
     for preset, result in results.get("speed", {}).items():
-        print(f"\nspeed ({preset}): tokenize, clips/s")
-        print(f"{'impl':<20}{'median s':>10}{'clips/s':>9}{'vs ref':>8}{'vs ref no-grad':>16}")
+        print(f"\nspeed ({preset}, {result['settings']}): tokenize")
+        print(f"{'impl':<14}{'median s':>10}{'clips/s':>9}{'vs ref':>8}{'peak RSS MiB':>14}")
         for impl, row in result["rows"].items():
-            a, b = row.get("speedup_vs_reference"), row.get("speedup_vs_reference-no-grad")
+            a = row.get("speedup_vs_reference")
             print(
-                f"{impl:<20}{row['seconds_median']:>10.3f}{row['clips_per_s']:>9.2f}"
-                f"{(f'{a:.2f}x' if a else '-'):>8}{(f'{b:.2f}x' if b else '-'):>16}"
+                f"{impl:<14}{row['seconds_median']:>10.3f}{row['clips_per_s']:>9.2f}"
+                f"{(f'{a:.2f}x' if a else '-'):>8}{row['peak_rss_bytes'] / 2**20:>14.0f}"
             )
         print("ours-quirks codes == reference codes:", result["ours_quirks_codes_equal_reference"])
     for variant, rows in results["memory"].items():
