@@ -31,6 +31,7 @@ Legend: b batch, c channels, t frames (of the layer's own time resolution), h/w 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -126,7 +127,7 @@ class WholeLengthConvs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class ChunkedLayer:
+class ChunkedLayer(ABC):
     """One layer run chunk by chunk. `whole_frames` is the length of the layer's input for the
     whole sequence (at the layer's time resolution); chunks must add up to at most that."""
 
@@ -150,8 +151,9 @@ class ChunkedLayer:
         self.frames_done += num_frames
         return out
 
+    @abstractmethod
     def forward(self, x: Tensor, cond: Tensor | None, convs: WholeLengthConvs) -> Tensor:
-        raise NotImplementedError
+        """The layer's output for this chunk, given what earlier chunks left behind."""
 
 
 class OverlappedLayer(ChunkedLayer):
