@@ -102,6 +102,8 @@ class Trainer:
         config = self.config
         self.maybe_resume()
         self.tensorboard.text("config", dump_config(config))
+        if self.step == 0 and self.eval_loader is not None:
+            self.evaluate()  # the baseline: what training improves on
         batches = iter(self.loader)
         progress = tqdm(
             total=config.num_steps,

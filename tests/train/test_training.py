@@ -81,8 +81,8 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     assert "resumed from" in rerun.stdout + rerun.stderr
 
     rows = metrics(out)
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-    assert all(math.isfinite(rows[s]["loss/generator_total"]) for s in rows)
+    assert sorted(rows) == [0, 1, 2, 3, 4, 5, 6]  # step 0: the evaluation before training
+    assert all(math.isfinite(rows[s]["loss/generator_total"]) for s in range(1, 7))
     assert all(math.isfinite(rows[s]["loss/discriminator_total"]) for s in range(2, 7))
     first, last = checkpoints(out)
     for tag in ("generator", "discriminator"):
@@ -96,6 +96,7 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     assert "reconstruction/real_vs_recon" in events.Tags()["images"]
     # The evaluation at step 6 (pipeline.evaluate): the one shard is rank 0's, eval_batches=1
     # batch of 2 clips; reports and a video.
+    assert (out / "eval" / "step_00000000" / "summary.json").exists()  # the untrained baseline
     summary = json.loads((out / "eval" / "step_00000006" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["num_clips"] == 2, summary
     assert summary["psnr"] > 0 and 0 < summary["codebook_usage"] <= 1, summary
@@ -105,8 +106,30 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     from model.pretrained import load_pretrained
 
     model = load_pretrained(out / "export")
-    codes = model.tokenize(torch.rand(1, 3, 9, 32, 32) * 2 - 1)
-    assert codes.shape == (1, 3, 16, 16)
+    video = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    codes = model.tokenize(video)
+    assert codes.shape == (2, 3, 16, 16)
+    # The export is the trained model: the final checkpoint's config with its EMA weights (what
+    # the trainer evaluates) gives the same codes and reconstructions.
+    trained = trained_ema_model(last)
+    assert torch.equal(trained.tokenize(video), codes)
+    assert torch.equal(
+        trained.decode_from_code_indices(codes), model.decode_from_code_indices(codes)
+    )
+
+
+def trained_ema_model(checkpoint):
+    """The tokenizer of a training checkpoint, with the EMA weights, built from its config."""
+    from model import VideoTokenizer
+    from pipeline.config import load_config
+
+    config = load_config(checkpoint / "config.yaml")
+    model = VideoTokenizer.from_config(config.model)
+    model.detach_discriminators()
+    ema = torch.load(checkpoint / "ema.pt")
+    state = {k: ema.get(k, v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, video_shards):
