@@ -198,3 +198,24 @@ def global_grad_norm(engine: Any) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def optimizer_state_bytes(engine: Any) -> dict[str, int]:
+    """What this rank's optimizer holds besides the model's weights: the Adam moments and the fp32
+    master weights (this rank's partition under ZeRO 1/2, which keep one in fp32 training too;
+    all of them under bf16/fp16 without ZeRO)."""
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+    moments = sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0  # not the step counters
+    )
+    partitions = [
+        *getattr(optimizer, "single_partition_of_fp32_groups", []),  # ZeRO 1/2
+        *getattr(optimizer, "fp32_groups_flat", []),  # bf16/fp16 without ZeRO: all of it
+        *getattr(optimizer, "fp32_groups_flat_partition", []),  # DeepSpeed's BF16_Optimizer
+    ]
+    master = sum(t.numel() * t.element_size() for t in partitions)
+    return {"moments": moments, "fp32_master": master, "total": moments + master}
