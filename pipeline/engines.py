@@ -215,6 +215,7 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
     partitions = [
         *getattr(optimizer, "single_partition_of_fp32_groups", []),  # ZeRO 1/2
         *getattr(optimizer, "fp32_groups_flat", []),  # bf16/fp16 without ZeRO: all of it
+        *(t for group in getattr(optimizer, "fp32_groups", []) for t in group),  # (unfused, CPU)
         *getattr(optimizer, "fp32_groups_flat_partition", []),  # DeepSpeed's BF16_Optimizer
     ]
     master = sum(t.numel() * t.element_size() for t in partitions)
