@@ -15,32 +15,7 @@ def video_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
     listing = root / "videos.txt"
     listing.write_text("\n".join(sample_videos()) + "\n")
-    output = root / "shards"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "shard",
-            str(listing),
-            "--output",
-            str(output),
-            "--num-frames",
-            "9",
-            "--size",
-            "32",
-            "--crop",
-            "32",
-            "--workers",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return output
+    return data_prep_shard(listing, root / "shards", "--num-frames", "9")
 
 
 @pytest.fixture(scope="session")
@@ -61,27 +36,13 @@ def image_shards(tmp_path_factory):
                     )
                 if i >= 60:
                     break
-    output = root / "shards"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "shard",
-            str(images),
-            "--output",
-            str(output),
-            "--size",
-            "32",
-            "--crop",
-            "32",
-            "--workers",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return data_prep_shard(images, root / "shards")
+
+
+def data_prep_shard(source, output, *options: str):
+    """`python -m data_prep shard SOURCE` into 32 x 32 shards at OUTPUT (one worker)."""
+    command = [sys.executable, "-m", "data_prep", "shard", str(source), "--output", str(output)]
+    command += [*options, "--size", "32", "--crop", "32", "--workers", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return output
