@@ -1,4 +1,10 @@
-"""Reading source videos (decord, with PyAV for what decord cannot open) and writing H.264 clips.
+"""Reading source videos and writing H.264 clips.
+
+decord probes each source (frame count, frame rate; PyAV probes what decord cannot open, such as
+Ogg/Theora), and PyAV's decoder, one thread, reads the frames in order; decord decodes only what
+PyAV cannot. Not decord's reader: it decodes ahead in a thread of its own, so each worker
+process keeps ~1.4 cores busy, and with one worker per core (the default) the oversubscribed
+cores did 1.25x the CPU work per clip (benchmarks/bench_data.py, data_prep part).
 
 Both readers resize while decoding with swscale's bilinear filter, so a source gives the same
 frames (within a few levels of rounding) whichever reader opened it.
@@ -104,13 +110,21 @@ class DecordFrames(VideoFrames):
 
 
 class PyAVFrames(VideoFrames):
-    """Sequential decoding: opens Ogg, MPEG-TS, GIF and other files decord cannot index."""
+    """Sequential decoding on the calling thread; also opens Ogg, MPEG-TS, GIF and other files
+    decord cannot index. ``num_frames``/``fps`` come from decord's probe where it had one."""
 
     seekable = False
-    num_frames = None
 
-    def __init__(self, path: str, size: int, crop: int | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        crop: int | None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+    ) -> None:
         self._path = path
+        self.num_frames = num_frames
         self._container = av.open(path)
         try:
             stream = self._container.streams.video[0]
@@ -118,7 +132,7 @@ class PyAVFrames(VideoFrames):
             self._container.close()
             raise ValueError("no video stream") from None
         stream.codec_context.thread_count = 1
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        rate = fps or stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate or float(rate) <= 0:
             self._container.close()
             raise ValueError("no frame rate")
@@ -153,6 +167,8 @@ class PyAVFrames(VideoFrames):
         return self._cropped(np.stack([self._cache[i] for i in indices]))
 
     def count_frames(self) -> int:
+        if self.num_frames is not None:
+            return self.num_frames
         with av.open(self._path) as container:
             stream = container.streams.video[0]
             return sum(1 for packet in container.demux(stream) if packet.size)
@@ -161,14 +177,35 @@ class PyAVFrames(VideoFrames):
         self._container.close()
 
 
+def _decord_probe(path: str) -> tuple[int, float]:
+    """(frame count, frame rate) from decord's index, without decoding a frame."""
+    probe = decord.VideoReader(path, num_threads=1)
+    num_frames, fps = len(probe), float(probe.get_avg_fps())
+    if num_frames < 1 or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"no frames or no frame rate ({num_frames}, {fps})")
+    return num_frames, fps
+
+
 def open_video(path: str, size: int, crop: int | None) -> VideoFrames:
-    """Opens ``path`` with decord, else PyAV; ``VideoUnreadable`` with both reasons otherwise."""
+    """Probes ``path`` with decord and reads it with PyAV (see the module docstring); decord
+    reads what PyAV cannot open, PyAV alone what decord cannot probe. ``VideoUnreadable`` with
+    every reason otherwise."""
     errors = []
     if decord is not None:
         try:
-            return DecordFrames(path, size, crop)
+            num_frames, fps = _decord_probe(path)
         except Exception as exc:  # decord raises DECORDError, RuntimeError, ValueError, ...
             errors.append(f"decord: {_short(exc)}")
+        else:
+            try:
+                return PyAVFrames(path, size, crop, num_frames, fps)
+            except Exception as exc:
+                errors.append(f"PyAV: {_short(exc)}")
+            try:
+                return DecordFrames(path, size, crop)
+            except Exception as exc:
+                errors.append(f"decord: {_short(exc)}")
+            raise VideoUnreadable("not a readable video (" + "; ".join(errors) + ")")
     try:
         return PyAVFrames(path, size, crop)
     except Exception as exc:
