@@ -5,12 +5,19 @@ keep that channels-last layout: moving C to the front is a byte-wise transpose t
 as a tenth of the decode, so the loader leaves it to the training side (``Batch.pixels``), where
 it rides along with the float conversion on the device. Everything here is uint8; ``to_float``
 is applied on the training side, after the batch has crossed the worker boundary.
+
+The PyAV backend goes one step further for the loader (``planar=True``): it hands over the H.264
+stream's own 4:2:0 planes (``Yuv420``) and ``yuv420_to_rgb`` runs on the training side. swscale's
+YUV -> RGB conversion is a quarter of a 17 x 128^2 window's decode time on one core, and the
+planes are half the bytes of RGB through the worker boundary (benchmarks/bench_data.py).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
+from dataclasses import dataclass, field
 from typing import Literal
 
 import av
@@ -33,6 +40,135 @@ class TooShort(ValueError):
     """The video has fewer frames than one window needs."""
 
 
+@dataclass(frozen=True)
+class Yuv420:
+    """Frames as 8-bit 4:2:0 planes, BT.601 limited range: what data_prep's H.264 clips hold.
+
+    ``luma`` is (..., H, W) and ``chroma`` (..., 2, H/2, W/2) (Cb, Cr), with the same leading
+    dims: (T,) for a clip, (B, T) for a batch. H and W are even; each chroma sample covers a
+    2 x 2 block of luma, so crops at even offsets and horizontal flips keep them aligned.
+    """
+
+    luma: torch.Tensor
+    chroma: torch.Tensor
+    buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """A batch's one flat tensor that ``luma`` and then ``chroma`` fill (``stacked``): it
+    crosses processes, is pinned and is copied to the device as one piece."""
+
+    @staticmethod
+    def stacked(clips: list[Yuv420], shared: bool = False) -> Yuv420:
+        """A batch of clips, (B, T) leading dims, in one buffer (in shared memory if
+        ``shared``: the batch is about to leave a data-loader worker)."""
+        luma_shape = (len(clips), *clips[0].luma.shape)
+        chroma_shape = (len(clips), *clips[0].chroma.shape)
+        buffer = uint8_buffer((math.prod(luma_shape) + math.prod(chroma_shape),), shared)
+        frames = Yuv420._views(buffer, luma_shape, chroma_shape)
+        torch.stack([c.luma for c in clips], out=frames.luma)
+        torch.stack([c.chroma for c in clips], out=frames.chroma)
+        return frames
+
+    @staticmethod
+    def _views(buffer: torch.Tensor, luma_shape: tuple, chroma_shape: tuple) -> Yuv420:
+        split = math.prod(luma_shape)
+        return Yuv420(buffer[:split].view(luma_shape), buffer[split:].view(chroma_shape), buffer)
+
+    def _with_buffer(self, buffer: torch.Tensor) -> Yuv420:
+        return Yuv420._views(buffer, tuple(self.luma.shape), tuple(self.chroma.shape))
+
+    def __reduce__(self):
+        # Pickled by a data-loader worker: one tensor (one shared-memory handle) for both planes.
+        if self.buffer is not None:
+            return Yuv420._views, (self.buffer, tuple(self.luma.shape), tuple(self.chroma.shape))
+        return Yuv420, (self.luma, self.chroma)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Yuv420:
+        if self.buffer is not None:
+            return self._with_buffer(self.buffer.to(device, non_blocking=non_blocking))
+        return Yuv420(
+            self.luma.to(device, non_blocking=non_blocking),
+            self.chroma.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Yuv420:
+        """For ``DataLoader(pin_memory=True)``, which calls this on objects that have it."""
+        if self.buffer is not None:
+            return self._with_buffer(self.buffer.pin_memory())
+        return Yuv420(self.luma.pin_memory(), self.chroma.pin_memory())
+
+
+# BT.601 (Kr 0.299, Kb 0.114), limited range: Y in [16, 235], Cb/Cr in [16, 240] around 128.
+_LUMA_SCALE = 255 / 219
+_CHROMA_SCALE = 255 / 224
+_CR_TO_R = 1.402 * _CHROMA_SCALE
+_CB_TO_G = -0.114 * 1.772 / 0.587 * _CHROMA_SCALE
+_CR_TO_G = -0.299 * 1.402 / 0.587 * _CHROMA_SCALE
+_CB_TO_B = 1.772 * _CHROMA_SCALE
+
+
+def yuv420_to_rgb(frames: Yuv420, dim: int = -1) -> torch.Tensor:
+    """(*lead, H, W) + (*lead, 2, H/2, W/2) uint8 -> float32 RGB levels in [0, 255], rounded
+    to whole levels as a uint8 decoder's output would be, contiguous, on the planes' device.
+    The 3 channels go to position ``dim`` of ``lead`` (-1: just before H, W).
+
+    Chroma is repeated over its 2 x 2 block (as swscale's converter does; bilinear upsampling
+    would blur colour edges against the luma). Exact BT.601 coefficients: a round trip RGB ->
+    swscale's yuv420p -> here is 50 dB from the source, swscale's own way back 44 dB.
+    """
+    lead, (height, width) = frames.luma.shape[:-2], frames.luma.shape[-2:]
+    dim = dim % (len(lead) + 1)
+    # One broadcast add writes the output: luma as (.., 1, .., H/2, 2, W/2, 2) plus the chroma
+    # terms of each channel as (.., 3, .., H/2, 1, W/2, 1).
+    luma = (frames.luma.float() - 16.0).mul_(_LUMA_SCALE).unsqueeze(dim)
+    luma = luma.view(*luma.shape[:-2], height // 2, 2, width // 2, 2)
+    cb, cr = (frames.chroma.float() - 128.0).unbind(-3)
+    terms = torch.stack((_CR_TO_R * cr, _CB_TO_G * cb + _CR_TO_G * cr, _CB_TO_B * cb), dim=dim)
+    rgb = luma + terms[..., :, None, :, None]
+    return rgb.view(*rgb.shape[:-4], height, width).round_().clamp_(0.0, 255.0)
+
+
+def clip_size(frames: torch.Tensor | Yuv420) -> tuple[int, int, int]:
+    """(T, H, W) of a clip, RGB (T, H, W, C) or planes."""
+    if isinstance(frames, Yuv420):
+        return tuple(frames.luma.shape)
+    return tuple(frames.shape[:3])
+
+
+def uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """An uninitialised uint8 tensor; ``shared``: allocated in shared memory (as
+    ``default_collate`` does in workers; ``share_memory_()`` would allocate twice and copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def stack_clips(clips: list[torch.Tensor | Yuv420], shared: bool = False) -> torch.Tensor | Yuv420:
+    """Equally sized clips (T, H, W, C) or images (H, W, C), or planes, as one batch: ``Yuv420``
+    with (B, T) leading dims when all are planes; else uint8 RGB (B, C, T, H, W) or
+    (B, C, H, W), a channels-last view (planes among RGB are converted here: passthrough clips
+    of other pixel formats). ``shared``: straight into shared memory, for a batch about to
+    leave a data-loader worker (sending it then copies nothing)."""
+    if all(isinstance(c, Yuv420) for c in clips):
+        return Yuv420.stacked(clips, shared)
+    rgb = [yuv420_to_rgb_uint8(c) if isinstance(c, Yuv420) else c for c in clips]
+    out = uint8_buffer((len(rgb), *rgb[0].shape), shared)
+    pixels = torch.stack(rgb, out=out)  # (B, T, H, W, C) or (B, H, W, C)
+    return pixels.permute(0, 4, 1, 2, 3) if pixels.ndim == 5 else pixels.permute(0, 3, 1, 2)
+
+
+def to_pixels(frames: torch.Tensor | Yuv420) -> torch.Tensor:
+    """A ``stack_clips`` batch -> float32 RGB in [-1, 1], (B, C, T, H, W) or (B, C, H, W), on
+    the batch's device (run it there: the conversion is the heavy part)."""
+    if isinstance(frames, Yuv420):  # (B, T, H, W) planes -> (B, 3, T, H, W) levels
+        return yuv420_to_rgb(frames, dim=1).div_(127.5).sub_(1.0)
+    return to_float(frames)
+
+
+def yuv420_to_rgb_uint8(frames: Yuv420) -> torch.Tensor:
+    """(T, H, W, C) uint8 RGB: for the rare batch that must mix planar and RGB clips."""
+    return yuv420_to_rgb(frames).to(torch.uint8).movedim(-3, -1).contiguous()
+
+
 def decode_window(
     payload: bytes,
     num_frames: int,
@@ -41,16 +177,19 @@ def decode_window(
     rng: random.Random,
     backend: Backend = "decord",
     fps: float | None = None,
-) -> torch.Tensor:
+    planar: bool = False,
+) -> torch.Tensor | Yuv420:
     """Decodes only the frames of one window: ``num_frames`` frames, ``frame_stride`` apart.
 
     Args:
         payload: the mp4 (or passthrough container) bytes, decoded from memory.
         start: first frame; None draws it uniformly from the valid starts with ``rng``.
         fps: the payload's frame rate from its metadata (the PyAV backend seeks with it).
+        planar: PyAV backend: return the stream's ``Yuv420`` planes when it is 8-bit 4:2:0
+            BT.601 limited range with even sides (data_prep's clips are); RGB otherwise.
 
     Returns:
-        (T, H, W, C) uint8 frames.
+        (T, H, W, C) uint8 frames, or ``Yuv420`` with (T,) leading dims.
 
     Raises:
         TooShort: fewer frames than ``(num_frames - 1) * frame_stride + 1``.
@@ -66,7 +205,8 @@ def decode_window(
             raise
         except Exception:  # decord 0.6.0 fails on some small widths (16, 24, 48, 72 px) and
             pass  # on Ogg; PyAV decodes those, and a truly broken payload fails there too
-    return torch.from_numpy(_decode_window_pyav(payload, span, frame_stride, start, rng, fps))
+    frames = _decode_window_pyav(payload, span, frame_stride, start, rng, fps, planar)
+    return frames if isinstance(frames, Yuv420) else torch.from_numpy(frames)
 
 
 def _window_start(length: int, span: int, start: int | None, rng: random.Random) -> int:
@@ -86,7 +226,8 @@ def _decode_window_pyav(
     start: int | None,
     rng: random.Random,
     fps: float | None,
-) -> np.ndarray:
+    planar: bool = False,
+) -> np.ndarray | Yuv420:
     with av.open(io.BytesIO(payload)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
@@ -101,17 +242,66 @@ def _decode_window_pyav(
         seeking = start > 0
         if seeking:  # jump to the keyframe before the window; then frames are told by timestamp
             container.seek(first_pts + int(start / rate / time_base), stream=stream)
-        frames = []
+        frames: list[np.ndarray] = []
+        planes: _Planes | None = None
+        count = 0
         for position, frame in enumerate(container.decode(stream)):
             index = (
                 round(float((frame.pts - first_pts) * time_base) * rate) if seeking else position
             )
-            if index in wanted:
+            if index not in wanted:
+                continue
+            if count == 0 and planar and _is_bt601_yuv420(frame):
+                planes = _Planes(len(wanted), frame.height, frame.width)
+            if planes is not None:
+                planes.copy(count, frame)
+            else:
                 # threads=1: swscale otherwise starts a thread per core for every frame
                 frames.append(frame.to_ndarray(format="rgb24", threads=1))
-                if len(frames) == len(wanted):
-                    return np.stack(frames)
-    raise TooShort(f"the stream ended after {len(frames)} of the window's {len(wanted)} frames")
+            count += 1
+            if count == len(wanted):
+                return planes.frames() if planes is not None else np.stack(frames)
+    raise TooShort(f"the stream ended after {count} of the window's {len(wanted)} frames")
+
+
+def _is_bt601_yuv420(frame: av.VideoFrame) -> bool:
+    # colorspace 2/5/6: unspecified, BT.470BG, SMPTE 170M; color_range 0/1: unspecified, MPEG.
+    return (
+        frame.format.name == "yuv420p"
+        and frame.colorspace in (2, 5, 6)
+        and frame.color_range in (0, 1)
+        and frame.width % 2 == 0
+        and frame.height % 2 == 0
+    )
+
+
+class _Planes:
+    """A window's 4:2:0 planes, filled frame by frame straight from the decoder's buffers."""
+
+    def __init__(self, count: int, height: int, width: int) -> None:
+        self.height, self.width = height, width
+        self.luma = np.empty((count, height, width), np.uint8)
+        self.chroma = np.empty((count, 2, height // 2, width // 2), np.uint8)
+
+    def copy(self, i: int, frame: av.VideoFrame) -> None:
+        if (frame.height, frame.width) != (self.height, self.width):
+            raise ValueError("the frame size changes within the window")
+        outs = (self.luma[i], self.chroma[i, 0], self.chroma[i, 1])
+        for plane, out in zip(frame.planes, outs, strict=True):
+            _copy_plane(plane, out)
+
+    def frames(self) -> Yuv420:
+        return Yuv420(torch.from_numpy(self.luma), torch.from_numpy(self.chroma))
+
+
+def _copy_plane(plane, out: np.ndarray) -> None:
+    """One plane's pixels into ``out`` (H, W); the decoder's rows are ``line_size`` bytes."""
+    height, width = out.shape
+    if plane.line_size == width:  # no row padding: one flat copy
+        out.reshape(-1)[:] = np.frombuffer(plane, np.uint8, count=height * width)
+    else:
+        rows = np.frombuffer(plane, np.uint8, count=height * plane.line_size)
+        out[:] = rows.reshape(height, plane.line_size)[:, :width]
 
 
 def decode_image(payload: bytes) -> torch.Tensor:
@@ -138,11 +328,20 @@ def _resize(frames: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def crop_to_square(
-    frames: torch.Tensor, size: int, mode: Crop, rng: random.Random | None
-) -> torch.Tensor:
+    frames: torch.Tensor | Yuv420, size: int, mode: Crop, rng: random.Random | None
+) -> torch.Tensor | Yuv420:
     """(..., H, W, C) -> (..., size, size, C): a random or center crop after resizing the short
     side, or a plain resize of the whole frame (aspect ratio not kept) for ``mode="resize"``.
-    Crops are views: the one copy happens when the batch is stacked."""
+    Crops are views: the one copy happens when the batch is stacked.
+
+    ``Yuv420`` planes stay planes where 4:2:0 can hold the result: random crops round the resized
+    sides and the offsets to even numbers; "center" and "resize" keep the RGB geometry exactly
+    and convert to RGB here when it has an odd side or offset (as an odd ``size`` does)."""
+    if isinstance(frames, Yuv420):
+        planes = _crop_planes(frames, size, mode, rng) if size % 2 == 0 else None
+        if planes is not None:
+            return planes
+        frames = yuv420_to_rgb_uint8(frames)
     if mode == "resize":
         if frames.shape[-3:-1] == (size, size):
             return frames
@@ -164,3 +363,37 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255] (rounded, clamped): for logging and tests."""
     return pixels.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _crop_planes(frames: Yuv420, size: int, mode: Crop, rng: random.Random | None) -> Yuv420 | None:
+    """``crop_to_square`` of 4:2:0 planes (``size`` even), with every side and offset even so
+    the chroma stays on its 2 x 2 blocks; None where "center" would need an odd one."""
+    height, width = frames.luma.shape[-2:]
+    if mode == "resize":
+        return frames if (height, width) == (size, size) else _resize_planes(frames, size, size)
+    if min(height, width) != size:
+        scale = size / min(height, width)
+        if mode == "random":
+            height, width = (max(size, 2 * round(v * scale / 2)) for v in (height, width))
+        else:  # the RGB path's sides
+            height, width = (max(size, round(v * scale)) for v in (height, width))
+            if height % 2 or width % 2:
+                return None
+        frames = _resize_planes(frames, height, width)
+    if mode == "random":
+        top, left = (2 * rng.randint(0, (v - size) // 2) for v in (height, width))
+    else:
+        top, left = ((v - size) // 2 for v in (height, width))
+        if top % 2 or left % 2:
+            return None
+    half, top2, left2 = size // 2, top // 2, left // 2
+    return Yuv420(
+        frames.luma[..., top : top + size, left : left + size],
+        frames.chroma[..., top2 : top2 + half, left2 : left2 + half],
+    )
+
+
+def _resize_planes(frames: Yuv420, height: int, width: int) -> Yuv420:
+    luma = _resize(frames.luma.unsqueeze(-1), (height, width)).squeeze(-1)
+    chroma = _resize(frames.chroma.movedim(-3, -1), (height // 2, width // 2)).movedim(-1, -3)
+    return Yuv420(luma, chroma)

@@ -20,6 +20,7 @@ from pipeline.data_decode import (
     crop_to_square,
     decode_image,
     decode_window,
+    stack_clips,
 )
 from pipeline.world import World
 
@@ -107,8 +108,9 @@ def decode_samples(
     rng: random.Random,
     stats: WorkerStats,
 ) -> Iterator[dict]:
-    """Raw tar samples -> {"pixels": uint8 (T, H, W, C) or (H, W, C), "key": str}; bad samples
-    are counted and dropped."""
+    """Raw tar samples -> {"pixels": uint8 (T, H, W, C), (H, W, C) or ``Yuv420`` planes (the
+    PyAV backend), "flip": bool, "key": str}; bad samples are counted and dropped. Flips are
+    drawn here and applied on the training side (``Batch.pixels``), with the conversion."""
     for sample in samples:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
@@ -133,12 +135,12 @@ def decode_samples(
                     rng,
                     backend,
                     meta.fps,
+                    planar=True,
                 )
             else:
                 frames = decode_image(payload)
-            pixels = crop_to_square(frames, size, crop, rng)  # (T,) H, W, C
-            if flip and rng.random() < 0.5:
-                pixels = pixels.flip(-2)
+            pixels = crop_to_square(frames, size, crop, rng)  # (T,) H, W, C or planes
+            flipped = flip and rng.random() < 0.5
         except TooShort as exc:
             stats.bad("bad_too_short", where, exc)
             continue
@@ -146,33 +148,25 @@ def decode_samples(
             stats.bad("bad_undecodable", where, exc)
             continue
         stats.good()
-        yield {"pixels": pixels, "key": sample["__key__"]}
+        yield {"pixels": pixels, "flip": flipped, "key": sample["__key__"]}
 
 
 def collate(samples: list[dict], *, kind: Kind, stats: WorkerStats, world: World) -> dict:
-    """Stacks a batch: the one copy of the pixels in the worker. The result has the shape
-    (B, C, T, H, W) or (B, C, H, W) with channels-last strides (see ``data_decode``)."""
+    """Stacks a batch: the one copy of the pixels in the worker. RGB becomes (B, C, T, H, W) or
+    (B, C, H, W) with channels-last strides (see ``data_decode``); planes become ``Yuv420``
+    with (B, T) leading dims. A batch mixing both (passthrough clips of other pixel formats)
+    is converted to RGB here."""
     stats.counts["batches"] += 1
-    pixels = _stack([s["pixels"] for s in samples])  # (B, T, H, W, C) or (B, H, W, C)
-    channels_first = (0, 4, 1, 2, 3) if pixels.ndim == 5 else (0, 3, 1, 2)
+    in_worker = torch.utils.data.get_worker_info() is not None  # the batch leaves the process
+    frames = stack_clips([s["pixels"] for s in samples], shared=in_worker)
     return {
         "kind": kind,
-        "pixels": pixels.permute(*channels_first),  # (B, C, T, H, W) or (B, C, H, W)
+        "frames": frames,
+        "flip": [s["flip"] for s in samples],  # a list: a tensor would cost a shared segment
         "keys": [s["key"] for s in samples],
         "stats": stats.snapshot(),
         "worker": world.worker_id,
     }
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, straight into shared memory inside a data-loader worker: the batch is about
-    to cross to the training process, and this saves the copy that sending it would make."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    storage = first._typed_storage()._new_shared(first.numel() * len(tensors))  # as default_collate
-    out = first.new(storage).resize_(len(tensors), *first.shape)
-    return torch.stack(tensors, out=out)
 
 
 def interleave(

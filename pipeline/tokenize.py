@@ -46,7 +46,15 @@ from model import VideoTokenizer
 from model.pretrained import WEIGHTS_NAME
 from model.streaming import check_chunk_frames
 from pipeline.data import resolve_shards
-from pipeline.data_decode import crop_to_square, decode_image, decode_window, to_float
+from pipeline.data_decode import (
+    Yuv420,
+    clip_size,
+    crop_to_square,
+    decode_image,
+    decode_window,
+    stack_clips,
+    to_pixels,
+)
 from pipeline.distributed import barrier, device_for, init_distributed, teardown
 from pipeline.inference import (
     autocast_for,
@@ -113,20 +121,22 @@ class ClipEncoder:
         self.dtype = codes_dtype(model.codebook_size)
         self._rng = random.Random(0)  # unused: windows start at frame 0
 
-    def frames(self, meta: SampleMeta, payload: bytes) -> torch.Tensor:
-        """uint8 (T, H, W, C) after cropping; raises for undecodable or empty payloads."""
+    def frames(self, meta: SampleMeta, payload: bytes) -> torch.Tensor | Yuv420:
+        """The cropped clip as the training loader makes it (the same pixels, so the same
+        tokens): 4:2:0 planes (T, ...) or uint8 RGB (T, H, W, C); raises for undecodable or
+        empty payloads."""
         s = self.settings
         if meta.kind == "image":
             frames = decode_image(payload)[None]
         else:
             available = min(meta.num_frames, s.max_frames or meta.num_frames)
             count = usable_frames(available, self.model.time_downsample_factor)
-            frames = decode_window(payload, count, 1, 0, self._rng, "decord", meta.fps)
-        return crop_to_square(frames, s.image_size, s.crop, None).contiguous()
+            frames = decode_window(payload, count, 1, 0, self._rng, "pyav", meta.fps, planar=True)
+        return crop_to_square(frames, s.image_size, s.crop, None)
 
-    def encode(self, batch: list[torch.Tensor]) -> list[np.ndarray]:
-        """Equally shaped (T, H, W, C) uint8 clips -> codes (t, h, w[, c]) per clip."""
-        video = to_float(torch.stack(batch).to(self.device)).permute(0, 4, 1, 2, 3)
+    def encode(self, batch: list[torch.Tensor | Yuv420]) -> list[np.ndarray]:
+        """Equally shaped clips (``frames``) -> codes (t, h, w[, c]) per clip."""
+        video = to_pixels(stack_clips(batch).to(self.device))  # (B, C, T, H, W) in [-1, 1]
         f = self.model.time_downsample_factor
         # Without a chunk size, one chunk holds the whole clip: frame 0 and T - 1 more frames.
         chunk = self.settings.chunk_frames or max(f, video.shape[2] - 1)
@@ -151,7 +161,7 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
         open(partial, "wb") as file,
         tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        pending: list[tuple[str, SampleMeta, torch.Tensor]] = []
+        pending: list[tuple[str, SampleMeta, torch.Tensor | Yuv420]] = []
 
         def flush() -> None:
             nonlocal num_samples
@@ -159,12 +169,13 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
                 return
             codes = encoder.encode([frames for _, _, frames in pending])
             for (key, meta, frames), array in zip(pending, codes, strict=True):
+                num_frames, height, width = clip_size(frames)
                 token_meta = TokenMeta(
                     source=dataclasses.asdict(meta),
                     source_shard=Path(source).name,
-                    num_frames=frames.shape[0],
-                    frame_height=frames.shape[1],
-                    frame_width=frames.shape[2],
+                    num_frames=num_frames,
+                    frame_height=height,
+                    frame_width=width,
                     shape=list(array.shape),
                     dtype=str(array.dtype),
                     codebook_size=encoder.model.codebook_size,
@@ -184,7 +195,7 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
                 skipped.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"[:300]})
                 logger.warning("%s: skipping %s: %s", source, key, exc)
                 continue
-            if pending and frames.shape != pending[0][2].shape:
+            if pending and clip_size(frames) != clip_size(pending[0][2]):
                 flush()
             pending.append((key, meta, frames))
             if len(pending) >= encoder.settings.batch_size:

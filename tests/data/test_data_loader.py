@@ -181,13 +181,16 @@ def test_mixed_image_and_video_batches(synthetic_dataset):
 
 
 def test_pyav_backend_matches_decord(synthetic_dataset):
+    """Same clips, same geometry; the colours differ by the conversion only: decord's swscale
+    fast path reads about 1.2 levels darker than the exact BT.601 of ``yuv420_to_rgb``."""
     results = {}
     for backend in ("decord", "pyav"):
         loader = ShardLoader(_config([synthetic_dataset], backend=backend, crop="center"), World())
         results[backend] = {k: x for b in loader for k, x in zip(b.keys, b.uint8, strict=True)}
     assert results["decord"].keys() == results["pyav"].keys()
     for key, clip in results["decord"].items():
-        assert torch.equal(clip, results["pyav"][key]), key
+        diff = (clip.float() - results["pyav"][key].float()).abs()
+        assert diff.max() <= 4 and diff.mean() < 1.5, (key, diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -19,7 +19,14 @@ from media import read_samples
 from data_prep.token_format import CodesMeta, TokenMeta, load_codes, save_codes
 from data_prep.video_io import open_video
 from pipeline import evaluate, token_files
-from pipeline.data_decode import crop_to_square, decode_window, to_float, to_uint8
+from pipeline.data_decode import (
+    crop_to_square,
+    decode_window,
+    stack_clips,
+    to_float,
+    to_pixels,
+    to_uint8,
+)
 from pipeline.quality import psnr_per_clip, to_unit_range
 from pipeline.tokenize import main, parse_args
 
@@ -98,8 +105,9 @@ def test_two_rank_export_covers_every_clip_once_and_decodes_to_the_evaluated_psn
         clip_meta, payload, shard_name = clips[key]
         assert meta.source == json.loads(clip_meta.to_json()) and meta.source_shard == shard_name
         assert codes.dtype == np.int16 and list(codes.shape) == meta.shape == [5, 16, 16]
-        frames = decode_window(payload, NUM_FRAMES, 1, 0, None, "pyav", clip_meta.fps)
-        real = to_float(crop_to_square(frames, SIZE, "center", None)).permute(3, 0, 1, 2)[None]
+        # Decoded as the evaluation loader decodes (its PyAV planes, converted by to_pixels).
+        frames = decode_window(payload, NUM_FRAMES, 1, 0, None, "pyav", clip_meta.fps, planar=True)
+        real = to_pixels(stack_clips([crop_to_square(frames, SIZE, "center", None)]))
         with torch.no_grad():
             recon = model.decode_from_code_indices(torch.from_numpy(codes.astype(np.int64))[None])
         psnr = float(psnr_per_clip(to_unit_range(real), to_unit_range(recon)))
