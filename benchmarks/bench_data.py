@@ -29,21 +29,23 @@ import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import av  # noqa: E402
 import decord  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data_prep.clips import ClipConfig  # noqa: E402
 from data_prep.format import read_manifest  # noqa: E402
-from data_prep.shard import ShardConfig, available_cpus, run  # noqa: E402
+from data_prep.shard import available_cpus  # noqa: E402
 from pipeline.data import Batch, DataConfig, ShardLoader  # noqa: E402
 from pipeline.data_decode import Yuv420  # noqa: E402
 from pipeline.world import World  # noqa: E402
@@ -74,20 +76,19 @@ def copies(paths: list[str], folder: str, count: int) -> list[str]:
 
 
 def shard(inputs: list[str], output: str, workers: int) -> tuple[float, int]:
-    """(seconds, clips) of one data_prep run into a fresh folder."""
+    """(seconds, clips) of one data_prep run into a fresh folder, as users run it: the command
+    line, in its own process. (Not ``data_prep.shard.run`` in this process: its spawned
+    workers would re-import this script, torch included, which costs each run ~2 s of start.)"""
     shutil.rmtree(output, ignore_errors=True)
-    config = ShardConfig(
-        inputs=tuple(inputs),
-        output=output,
-        clip=ClipConfig(num_frames=NUM_FRAMES, size=SIZE, crop=SIZE),
-        num_workers=workers,
-        progress=False,
-    )
+    command = [sys.executable, "-m", "data_prep", "shard", *inputs, "--output", output]
+    command += ["--num-frames", str(NUM_FRAMES), "--size", str(SIZE), "--crop", str(SIZE)]
+    command += ["--workers", str(workers), "--no-progress"]
     start = time.perf_counter()
-    result = run(config)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
-    assert result.exit_code == 0 and not result.manifest.skipped, result.message
-    return elapsed, result.manifest.totals()["num_samples"]
+    manifest = read_manifest(output)
+    assert done.returncode == 0 and not manifest.skipped, done.stderr[-2000:]
+    return elapsed, manifest.totals()["num_samples"]
 
 
 def payloads(directory: str) -> list[bytes]:
@@ -211,25 +212,13 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _independent_run(inputs: list[str], output: str, queue) -> None:
-    queue.put(shard(inputs, output, 1))
-
-
 def independent_runs(inputs: list[str], work: str) -> float:
     """Clips/s of two separate 1-worker data_prep runs at once, each on half of the inputs: the
     most that 2 workers could get on this machine as loaded right now."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
     halves = (inputs[0::2], inputs[1::2])
-    processes = [
-        context.Process(target=_independent_run, args=(half, os.path.join(work, f"half{i}"), queue))
-        for i, half in enumerate(halves)
-    ]
-    for process in processes:
-        process.start()
-    runs = [queue.get() for _ in processes]
-    for process in processes:
-        process.join()
+    outputs = [os.path.join(work, f"half{i}") for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # each thread waits on its own data_prep process
+        runs = list(pool.map(shard, halves, outputs, [1, 1]))
     return sum(clips for _, clips in runs) / max(seconds for seconds, _ in runs)
 
 
