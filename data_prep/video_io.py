@@ -2,9 +2,10 @@
 
 decord probes each source (frame count, frame rate; PyAV probes what decord cannot open, such as
 Ogg/Theora), and PyAV's decoder, one thread, reads the frames in order; decord decodes only what
-PyAV cannot. Not decord's reader: it decodes ahead in a thread of its own, so each worker
-process keeps ~1.4 cores busy, and with one worker per core (the default) the oversubscribed
-cores did 1.25x the CPU work per clip (benchmarks/bench_data.py, data_prep part).
+PyAV cannot. Not decord's reader: it decodes ahead in a thread of its own, so one worker keeps
+~1.5 cores busy and a second worker per two cores adds little (on 2 cores, 17 x 128^2 clips of
+real videos: decord's reader 21 -> 26 clips/s from 1 to 2 workers, PyAV's 15 -> 27.6;
+benchmarks/bench_data.py). data_prep runs one worker per core by default.
 
 Both readers resize while decoding with swscale's bilinear filter, so a source gives the same
 frames (within a few levels of rounding) whichever reader opened it.
