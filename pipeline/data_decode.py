@@ -3,8 +3,9 @@
 Legend: T frames, C channels (RGB), H/W pixels. Decoders give (T, H, W, C) and the transforms
 keep that channels-last layout: moving C to the front is a byte-wise transpose that costs as much
 as a tenth of the decode, so the loader leaves it to the training side (``Batch.pixels``), where
-it rides along with the float conversion on the device. Everything here is uint8; ``to_float``
-is applied on the training side, after the batch has crossed the worker boundary.
+it rides along with the float conversion on the device. Everything here is uint8 except the
+conversions (``to_float``, ``yuv420_to_rgb``, ``to_pixels``), which run on the training side,
+after the batch has crossed the worker boundary.
 
 The PyAV backend goes one step further for the loader (``planar=True``): it hands over the H.264
 stream's own 4:2:0 planes (``Yuv420``) and ``yuv420_to_rgb`` runs on the training side. swscale's
@@ -119,7 +120,7 @@ def yuv420_to_rgb(frames: Yuv420, dim: int = -1) -> torch.Tensor:
     # One broadcast add writes the output: luma as (.., 1, .., H/2, 2, W/2, 2) plus the chroma
     # terms of each channel as (.., 3, .., H/2, 1, W/2, 1).
     luma = (frames.luma.float() - 16.0).mul_(_LUMA_SCALE).unsqueeze(dim)
-    luma = luma.view(*luma.shape[:-2], height // 2, 2, width // 2, 2)
+    luma = luma.reshape(*luma.shape[:-2], height // 2, 2, width // 2, 2)
     cb, cr = (frames.chroma.float() - 128.0).unbind(-3)
     terms = torch.stack((_CR_TO_R * cr, _CB_TO_G * cb + _CR_TO_G * cr, _CB_TO_B * cb), dim=dim)
     rgb = luma + terms[..., :, None, :, None]

@@ -34,7 +34,7 @@ from pipeline.distributed import (
     init_distributed,
     teardown,
 )
-from pipeline.inference import autocast_for, load_tokenizer
+from pipeline.inference import add_checkpoint_and_shards, autocast_for, load_tokenizer
 from pipeline.mp4 import Mp4Writer
 from pipeline.quality import (
     CodeHistogram,
@@ -221,17 +221,8 @@ def write_reports(result: EvalResult, out: Path, extra: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="export folder (or a training output folder with an export/ subfolder)",
-    )
-    parser.add_argument(
-        "--shards",
-        nargs="+",
-        required=True,
-        metavar="DIR_OR_TAR",
-        help="video shards: dataset folders, tar paths, globs or brace patterns",
+    add_checkpoint_and_shards(
+        parser, "video shards: dataset folders, tar paths, globs or brace patterns"
     )
     parser.add_argument("--image-shards", nargs="*", default=(), metavar="DIR_OR_TAR")
     parser.add_argument("--out", type=Path, default=Path("eval"), help="report folder")

@@ -3,6 +3,7 @@ and how many frames of a clip the tokenizer can take."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import logging
@@ -71,3 +72,15 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def add_checkpoint_and_shards(parser: argparse.ArgumentParser, shards_help: str) -> None:
+    """``--checkpoint`` and ``--shards``, as the evaluation and export commands take them."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="export folder (or a training output folder with an export/ subfolder)",
+    )
+    parser.add_argument(
+        "--shards", nargs="+", required=True, metavar="DIR_OR_TAR", help=shards_help
+    )

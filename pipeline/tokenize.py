@@ -57,6 +57,7 @@ from pipeline.data_decode import (
 )
 from pipeline.distributed import barrier, device_for, init_distributed, teardown
 from pipeline.inference import (
+    add_checkpoint_and_shards,
     autocast_for,
     file_sha256,
     load_tokenizer,
@@ -315,17 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog="Single files: `python -m pipeline.tokenize encode-file --help`, `decode-file`.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="export folder (or a training output folder with an export/ subfolder)",
-    )
-    parser.add_argument(
-        "--shards",
-        nargs="+",
-        required=True,
-        metavar="DIR_OR_TAR",
-        help="clip shards: dataset folders, tar paths, globs or brace patterns",
+    add_checkpoint_and_shards(
+        parser, "clip shards: dataset folders, tar paths, globs or brace patterns"
     )
     parser.add_argument("--output", required=True, help="token dataset folder (shared by nodes)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per batch per rank")
