@@ -43,20 +43,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference_card import CARD_LAYERS  # noqa: E402
+from report import write_report  # noqa: E402
+
 from model import VideoTokenizer  # noqa: E402
 from model.convert import load_reference_checkpoint  # noqa: E402
 
 PRESETS = {
     # The reference card's usage example.
     "card": {
-        "layers": (
-            "residual",
-            "compress_space",
-            "residual",
-            "compress_time",
-            "attend_space",
-            "residual",
-        ),
+        "layers": CARD_LAYERS,
         "size": 128,
         "init_dim": 64,
         "batch": 1,
@@ -346,10 +342,7 @@ def main(args: argparse.Namespace) -> dict:
             }
         results["memory"][variant] = rows
     print_tables(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_report(results, args.out)
     return results
 
 

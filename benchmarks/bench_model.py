@@ -35,10 +35,12 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference_card import CARD_LAYERS  # noqa: E402
+from report import write_report  # noqa: E402
+
 from model import VideoTokenizer  # noqa: E402
 from model.losses import vgg16_fc7_features  # noqa: E402
 
-LAYERS = ("residual", "compress_space", "residual", "compress_time", "attend_space", "residual")
 IMPLEMENTATIONS = ("reference", "ours", "ours+checkpointing")
 
 
@@ -66,7 +68,7 @@ def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
     kwargs = dict(
         image_size=args.size,
         init_dim=args.init_dim,
-        layers=LAYERS,
+        layers=CARD_LAYERS,
         codebook_size=args.codebook_size,
         use_gan=True,
         perceptual_loss_weight=0.1,
@@ -217,7 +219,7 @@ def main(args: argparse.Namespace) -> dict:
     models = {impl: build(impl, args) for impl in IMPLEMENTATIONS}
     results: dict = {
         "config": {
-            "layers": LAYERS,
+            "layers": CARD_LAYERS,
             "size": args.size,
             "frames": args.frames,
             "batch": args.batch,
@@ -271,10 +273,7 @@ def main(args: argparse.Namespace) -> dict:
             )
         results["steps"][step] = step_results
     print_table(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_report(results, args.out)
     return results
 
 

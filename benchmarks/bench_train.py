@@ -44,11 +44,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from reference_card import CARD_LAYERS  # noqa: E402
+from report import write_report  # noqa: E402
+
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import Batch, DataConfig, ShardLoader  # noqa: E402
 from pipeline.world import World  # noqa: E402
 
-LAYERS = ("residual", "compress_space", "residual", "compress_time", "attend_space", "residual")
 SIZE, FRAMES, BATCH, LR = 64, 9, 2, 1e-4
 
 
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_kwargs() -> dict:
     return dict(
         image_size=SIZE,
-        layers=LAYERS,
+        layers=CARD_LAYERS,
         init_dim=32,
         codebook_size=1024,
         use_gan=True,
@@ -81,7 +83,7 @@ def model_kwargs() -> dict:
 
 
 def train_config(shards: str, output_dir: str, **extra):
-    model = {**model_kwargs(), "layers": list(LAYERS)}
+    model = {**model_kwargs(), "layers": list(CARD_LAYERS)}
     return config_from_dict(
         {
             "output_dir": output_dir,
@@ -388,10 +390,7 @@ def main(args: argparse.Namespace) -> dict:
         if not args.skip_speed:
             results["speed"] = bench_speed(args, shards, work)
     print_tables(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_report(results, args.out)
     return results
 
 
