@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import io
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import av
@@ -192,25 +193,24 @@ def open_video(path: str, size: int, crop: int | None) -> VideoFrames:
     reads what PyAV cannot open, PyAV alone what decord cannot probe. ``VideoUnreadable`` with
     every reason otherwise."""
     errors = []
+    readers: list[tuple[str, Callable[[], VideoFrames]]] = [
+        ("PyAV", lambda: PyAVFrames(path, size, crop))
+    ]
     if decord is not None:
         try:
             num_frames, fps = _decord_probe(path)
         except Exception as exc:  # decord raises DECORDError, RuntimeError, ValueError, ...
             errors.append(f"decord: {_short(exc)}")
         else:
-            try:
-                return PyAVFrames(path, size, crop, num_frames, fps)
-            except Exception as exc:
-                errors.append(f"PyAV: {_short(exc)}")
-            try:
-                return DecordFrames(path, size, crop)
-            except Exception as exc:
-                errors.append(f"decord: {_short(exc)}")
-            raise VideoUnreadable("not a readable video (" + "; ".join(errors) + ")")
-    try:
-        return PyAVFrames(path, size, crop)
-    except Exception as exc:
-        errors.append(f"PyAV: {_short(exc)}")
+            readers = [
+                ("PyAV", lambda: PyAVFrames(path, size, crop, num_frames, fps)),
+                ("decord", lambda: DecordFrames(path, size, crop)),
+            ]
+    for name, reader in readers:
+        try:
+            return reader()
+        except Exception as exc:
+            errors.append(f"{name}: {_short(exc)}")
     raise VideoUnreadable("not a readable video (" + "; ".join(errors) + ")")
 
 
