@@ -24,11 +24,14 @@ class CodebookStats:
     """Code histogram over a window of steps, summed across ranks when read: the share of the
     codebook in use and the perplexity (exp of the code entropy; the codebook size at best)."""
 
-    def __init__(self, codebook_size: int, num_codebooks: int) -> None:
-        self.histogram = CodeHistogram(codebook_size, num_codebooks, torch.device("cpu"))
+    def __init__(
+        self, codebook_size: int, num_codebooks: int, device: torch.device | str = "cpu"
+    ) -> None:
+        # On the training device: counting there needs no device -> host copy per micro-step.
+        self.histogram = CodeHistogram(codebook_size, num_codebooks, torch.device(device))
 
     def add(self, codes: torch.Tensor) -> None:
-        self.histogram.add(codes.detach().to("cpu", torch.long))
+        self.histogram.add(codes)
 
     def read_and_reset(self) -> dict[str, float]:
         """Collective: every rank must call it at the same step."""

@@ -87,10 +87,15 @@ class CodeHistogram:
         self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.int64, device=device)
 
     def add(self, codes: Tensor) -> None:
-        """codes (B, t, h, w) or (B, t, h, w, num_codebooks)."""
-        per_codebook = codes.reshape(-1, self.counts.shape[0])
-        for i in range(self.counts.shape[0]):
-            self.counts[i] += torch.bincount(per_codebook[:, i], minlength=self.codebook_size)
+        """codes (B, t, h, w) or (B, t, h, w, num_codebooks), on any device: counted where the
+        histogram lives, in one scatter and without a host sync (`bincount` reads the maximum
+        back to the host on CUDA)."""
+        num_codebooks = self.counts.shape[0]
+        per_codebook = codes.detach().reshape(-1, num_codebooks).to(self.counts.device)
+        offsets = torch.arange(num_codebooks, device=self.counts.device) * self.codebook_size
+        flat = (per_codebook.long() + offsets).reshape(-1)  # codebook i's codes at i * size
+        ones = torch.ones((), dtype=self.counts.dtype, device=self.counts.device)
+        self.counts.view(-1).index_add_(0, flat, ones.expand(flat.numel()))
 
     def usage(self) -> float:
         """Share of the codebook's entries used at least once (mean over codebooks)."""

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from model import VideoTokenizer
@@ -27,7 +26,13 @@ from pipeline import schedules
 from pipeline.checkpointing import Checkpointer, latest_checkpoint, module_weights, set_rng_state
 from pipeline.config import TrainConfig, dump_config
 from pipeline.data import Batch, ShardLoader
-from pipeline.distributed import all_reduce_sum, is_distributed
+from pipeline.distributed import (
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    differentiable_mean,
+    is_distributed,
+)
 from pipeline.ema import EMA
 from pipeline.evaluate import SideBySideWriter, evaluate, write_reports
 from pipeline.faults import Faults
@@ -40,13 +45,6 @@ from pipeline.world import World
 logger = logging.getLogger(__name__)
 
 
-def _mean_across_ranks(probs: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-reduce mean: LFQ's batch code distribution over all ranks."""
-    import torch.distributed.nn
-
-    return torch.distributed.nn.all_reduce(probs) / dist.get_world_size()
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, world: World, device: torch.device) -> None:
         self.config, self.world, self.device = config, world, device
@@ -54,6 +52,9 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             config.precision, torch.float32
         )
+        if device.type == "cuda":
+            # Training shapes are static: the algorithm search pays off after the first step.
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
         tokenizer = VideoTokenizer.from_config(model_config)
@@ -63,7 +64,8 @@ class Trainer:
         if config.init_from:
             self._init_from(Path(config.init_from), tokenizer, critics)
         if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
-            tokenizer.quantizer.batch_probs_reducer = _mean_across_ranks
+            # LFQ's batch code distribution over all ranks, as the batch entropy is defined.
+            tokenizer.quantizer.batch_probs_reducer = differentiable_mean
         tokenizer.to(device)
         if critics is not None:
             critics.to(device)
@@ -90,7 +92,7 @@ class Trainer:
         self.tensorboard = TensorBoard(
             self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
         )
-        self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks)
+        self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks, device)
         self.faults = Faults(config.faults, world.rank, self.output_dir)
         self.step = 0
         self.counters = {"nonfinite_losses": 0}
@@ -206,10 +208,9 @@ class Trainer:
         nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
         keys = sorted(window)
         local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
-        if is_distributed():
-            dist.all_reduce(local)
-            local /= self.world.world_size
-            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        # Host tensors: pipeline.distributed moves them to the backend's device (NCCL: CUDA).
+        all_reduce_mean(local)
+        all_reduce_max(nonfinite)
         values = dict(zip(keys, local.tolist(), strict=True))
         self.counters["nonfinite_losses"] += int((nonfinite > 0).sum())  # steps, on any rank
         engines = self.engines
