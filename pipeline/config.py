@@ -113,6 +113,15 @@ class TrainConfig:
     global_batch_size: int | None = None
     """If set, must equal micro_batch_size * gradient_accumulation_steps * world size."""
     precision: str = "bf16"
+    """bf16 (the default), fp32, or fp16 (only without the GAN and the perceptual loss, see
+    __post_init__)."""
+    fp32_gradient_reduction: bool = True
+    """Under bf16, reduce gradients across ranks and accumulate micro-batches in fp32 (DeepSpeed
+    otherwise does both in bf16, whose 8-bit mantissa loses the small terms of a sum over many
+    ranks or micro-batches); costs twice the bytes of a bf16 reduction."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms for the (static) training shapes once
+    and keep the fastest; off when `deterministic`."""
     zero_stage: int = 2
     """ZeRO stage of the generator engine (1 or 2)."""
     discriminator_zero_stage: int = 2
@@ -162,6 +171,16 @@ class TrainConfig:
             raise ValueError(f"eval_videos must be >= 0, got {self.eval_videos}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "fp16" and (
+            self.model.use_gan or self.model.perceptual_loss_weight > 0
+        ):
+            raise ValueError(
+                "precision fp16 is not supported with the GAN or the perceptual loss: the "
+                "gradient penalty, the adaptive adversarial weight and the perceptual and "
+                "adversarial gradients are taken with autograd.grad inside the forward pass, "
+                "where DeepSpeed's fp16 loss scaling does not reach, so they underflow to zero. "
+                "Use precision: bf16 (same speed on Ampere and newer GPUs, no loss scaling)"
+            )
         if self.zero_stage not in (1, 2):
             raise ValueError(
                 f"zero_stage must be 1 or 2, got {self.zero_stage}: ZeRO-3 is not supported for "

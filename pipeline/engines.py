@@ -109,6 +109,10 @@ def engine_config(
         )
     if config.precision == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        if config.fp32_gradient_reduction:
+            # DeepSpeed reduces and accumulates in the model dtype unless told otherwise.
+            ds["communication_data_type"] = "fp32"
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif config.precision == "fp16":
         ds["fp16"] = {
             "enabled": True,

@@ -31,7 +31,11 @@ def run_main(overrides, capsys) -> tuple[int, str]:
         (["learning_rate=1e-4"], r"unknown top-level key\(s\) \['learning_rate'\]"),
         (["model.codebook_size=1000"], "power of two"),
         (["model.layers=[residual, attention]"], "unknown layer type 'attention'"),
-        (["precision=fp16"], "fp16 needs a CUDA device"),
+        (["precision=fp16"], "fp16 is not supported with the GAN or the perceptual loss"),
+        (
+            ["precision=fp16", "model.use_gan=false", "model.perceptual_loss_weight=0"],
+            "fp16 needs a CUDA device",
+        ),
         (["data.micro_batch_size=3"], "derived by the trainer"),
         (["init_from=/nonexistent/run"], "init_from=/nonexistent/run: not an export"),
         (["generator_optim.lr=fast"], "generator_optim.lr must be float, got 'fast'"),
