@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import TokenizerConfig
+from model.precision import ieee_fp32
 
 # Largest (rows x codes) block of probabilities held at once by the chunked batch entropy.
 _PROBABILITY_BLOCK_ELEMENTS = 1 << 22
@@ -83,6 +84,11 @@ class _MeanCodeProbabilities(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, bits: Tensor, block_rows: int) -> Tensor:
+        with ieee_fp32(z.device.type):
+            return _MeanCodeProbabilities._forward(ctx, z, bits, block_rows)
+
+    @staticmethod
+    def _forward(ctx, z: Tensor, bits: Tensor, block_rows: int) -> Tensor:
         # z: (rows, groups, D) logits; bits: (codes, D) in {0, 1}; returns (groups, codes)
         if z.shape[0] <= block_rows:  # one block: keep it for backward instead of recomputing
             probs = _block_probabilities(z, bits)
@@ -97,6 +103,11 @@ class _MeanCodeProbabilities(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor):
+        with ieee_fp32(grad_mean.device.type):
+            return _MeanCodeProbabilities._backward(ctx, grad_mean)
+
+    @staticmethod
+    def _backward(ctx, grad_mean: Tensor):
         z, bits, *kept = ctx.saved_tensors
         # d p(c)/d z_d = p(c) * (bit_cd - sigmoid(z_d))
         if kept:
@@ -183,7 +194,7 @@ class LFQ(nn.Module):
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
         orig_dtype = x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with ieee_fp32(x.device.type):
             x = fp32_linear(self.project_in, x.float())
             if self.soft_clamp_input_value is not None:
                 x = torch.tanh(x / self.soft_clamp_input_value) * self.soft_clamp_input_value
@@ -281,7 +292,7 @@ class FSQ(nn.Module):
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (b, n, dim)
         orig_dtype = x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with ieee_fp32(x.device.type):
             z = fp32_linear(self.project_in, x.float())
             z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
             bounded = self.bound(z)

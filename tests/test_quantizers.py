@@ -162,3 +162,45 @@ def test_lfq_losses_and_straight_through():
     assert torch.allclose(x.grad, 1 - torch.tanh(x.detach() / 10) ** 2, atol=1e-6)
     q.eval()
     assert q(x).aux_loss == 0
+
+
+@pytest.mark.parametrize("blocks", ["one block", "several blocks"])
+def test_lfq_entropy_matmuls_are_ieee_fp32_when_tf32_is_enabled(blocks, monkeypatch):
+    """LFQ's logits reach |4 000|: TF32 (10-bit mantissa) would move them by ~4. Whatever the
+    caller enabled, the probability products run in IEEE fp32, forward and backward, and the
+    caller's setting is back afterwards."""
+    import model.quantizers as quantizers
+
+    seen: list[str] = []
+
+    def recording(fn):
+        def wrapper(*args):
+            seen.append(torch.backends.cuda.matmul.fp32_precision)
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            return fn(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        quantizers, "_block_probabilities", recording(quantizers._block_probabilities)
+    )
+    monkeypatch.setattr(quantizers, "_block_grad", recording(quantizers._block_grad))
+    if blocks == "several blocks":
+        monkeypatch.setattr(quantizers, "_PROBABILITY_BLOCK_ELEMENTS", 64 * 16)
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "tf32"
+    try:
+        q = LFQ(dim=4, codebook_size=16).train()
+        x = torch.randn(2, 4, 3, 4, 4, requires_grad=True)
+        q(x).aux_loss.backward()
+        after = (
+            torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision,
+        )
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved[0]
+        torch.backends.mkldnn.matmul.fp32_precision = saved[1]
+    assert len(seen) >= 4 and set(seen) == {"ieee"}, seen
+    assert after == ("tf32", "tf32")
+    assert x.grad is not None and torch.isfinite(x.grad).all()
