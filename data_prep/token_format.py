@@ -150,6 +150,9 @@ class CodesMeta:
     frame_height: int
     frame_width: int
     source: str = ""
+    precision: str = ""
+    """Arithmetic the encoder ran in ('fp32' IEEE, or 'bf16' autocast; '' in older files):
+    the two can give different codes for the same clip."""
 
 
 def save_codes(path: str | Path, codes: np.ndarray, meta: CodesMeta) -> Path:

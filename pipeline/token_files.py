@@ -26,7 +26,15 @@ from model.streaming import (
 )
 from pipeline.data_decode import to_float, to_uint8
 from pipeline.distributed import device_for
-from pipeline.inference import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
+from pipeline.inference import (
+    add_precision_argument,
+    file_sha256,
+    inference_precision,
+    load_tokenizer,
+    resolve_export_dir,
+    resolve_precision,
+    usable_frames,
+)
 from pipeline.mp4 import Mp4Writer
 from pipeline.world import World
 
@@ -75,8 +83,10 @@ def encode_file(
     crop: bool = True,
     max_frames: int | None = None,
     checkpoint_sha256: str = "",
+    precision: str = "fp32",
 ) -> CodesMeta:
-    """Encodes a video file into a codes file, `chunk_frames` frames at a time."""
+    """Encodes a video file into a codes file, `chunk_frames` frames at a time, in `precision`
+    ('fp32' or 'bf16', as pipeline.inference resolves it; recorded in the file)."""
     f = model.time_downsample_factor
     check_chunk_frames(chunk_frames, f)
     size = size or model.config.image_size
@@ -95,7 +105,7 @@ def encode_file(
                 f"divisible by {s}: keep the center crop or pass another --size"
             )
         codes: list[torch.Tensor] = []
-        with inference_mode(model):
+        with inference_mode(model), inference_precision(device, precision):
             encoder = StreamingEncoder(model, num_frames)
             for start, end in chunk_bounds(num_frames, chunk_frames):
                 try:
@@ -118,6 +128,7 @@ def encode_file(
         frame_height=height,
         frame_width=width,
         source=str(source),
+        precision=precision,
     )
     save_codes(output, array, meta)
     return meta
@@ -187,6 +198,7 @@ def parse_file_args(argv: list[str]) -> argparse.Namespace:
         help="keep the whole resized frame instead of a center square",
     )
     enc.add_argument("--max-frames", type=int, default=None)
+    add_precision_argument(enc)
     dec = commands.add_parser("decode-file", help="codes file -> mp4")
     dec.add_argument("input", help="codes file: .npz or .safetensors")
     dec.add_argument("output", help=".mp4")
@@ -212,6 +224,7 @@ def run_file_command(args: argparse.Namespace) -> int:
                 crop=not args.no_crop,
                 max_frames=args.max_frames,
                 checkpoint_sha256=sha,
+                precision=resolve_precision(args.precision, device),
             )
             print(
                 f"{args.output}: codes {meta.dtype} {tuple(meta.shape)} from {meta.num_frames} "

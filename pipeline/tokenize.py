@@ -7,10 +7,13 @@
 
 Clip shard i goes to rank i mod world size, and becomes ``tokens-<its name>`` in the output
 folder (format: data_prep/token_format.py). Each clip is decoded whole (its first 1 + k*f
-frames), resized and cropped like evaluation clips, and encoded (bf16 autocast on CUDA). A token
+frames), resized and cropped like evaluation clips, and encoded in `--precision` (bf16 autocast
+on CUDA and fp32 elsewhere by default, as `encode-file`; recorded in the settings). A token
 shard is written under a temporary name and renamed when complete, after its record in
 ``.records/``; a rerun skips finished shards, so an interrupted export resumes where it stopped.
-Rank 0 writes ``manifest.json`` at the end. The output folder must be shared by all nodes.
+Rank 0 writes ``manifest.json`` at the end, once every rank is done: ranks that finish early
+wait up to `--finish-timeout-hours` for the others (one rank may have more or longer shards),
+not the process group's timeout. The output folder must be shared by all nodes.
 """
 
 from __future__ import annotations
@@ -55,13 +58,15 @@ from pipeline.data_decode import (
     stack_clips,
     to_pixels,
 )
-from pipeline.distributed import barrier, device_for, init_distributed, teardown
+from pipeline.distributed import barrier, device_for, init_distributed, new_wait_group, teardown
 from pipeline.inference import (
     add_checkpoint_and_shards,
-    autocast_for,
+    add_precision_argument,
     file_sha256,
+    inference_precision,
     load_tokenizer,
     resolve_export_dir,
+    resolve_precision,
     usable_frames,
 )
 from pipeline.world import World
@@ -141,7 +146,7 @@ class ClipEncoder:
         f = self.model.time_downsample_factor
         # Without a chunk size, one chunk holds the whole clip: frame 0 and T - 1 more frames.
         chunk = self.settings.chunk_frames or max(f, video.shape[2] - 1)
-        with autocast_for(self.device, self.settings.precision == "bf16"):
+        with inference_precision(self.device, self.settings.precision):
             codes = self.model.encode_long(video.contiguous(), chunk)  # (b, t, h, w[, c])
         return [c.cpu().numpy().astype(self.dtype) for c in codes]
 
@@ -253,7 +258,7 @@ def run_export(args: argparse.Namespace, world: World) -> int:
         max_frames=args.max_frames,
         chunk_frames=args.chunk_frames,
         batch_size=args.batch_size,
-        precision="bf16" if device.type == "cuda" and not args.no_autocast else "fp32",
+        precision=resolve_precision("fp32" if args.no_autocast else args.precision, device),
     )
     if args.chunk_frames is not None:
         check_chunk_frames(args.chunk_frames, model.time_downsample_factor)
@@ -266,6 +271,8 @@ def run_export(args: argparse.Namespace, world: World) -> int:
         "sources": sources,
     }
     _check_settings(output, record, world)
+    # Made now, while every rank is here: creating a group is itself a collective.
+    finish_group = new_wait_group(args.finish_timeout_hours * 3600)
     encoder = ClipEncoder(model, settings, device)
     mine = sources[world.rank :: world.world_size]
     done = 0
@@ -276,7 +283,7 @@ def run_export(args: argparse.Namespace, world: World) -> int:
         entry = export_shard(source, output, encoder)
         done += 1
         logger.info("%s: %d samples, %d skipped", entry.name, entry.num_samples, len(entry.skipped))
-    barrier()
+    barrier(finish_group)
     if world.rank == 0:
         manifest = _manifest(output, sources, record, str(args.checkpoint))
         write_json_atomic(str(output / MANIFEST_NAME), manifest.to_dict())
@@ -330,7 +337,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="encode clips in chunks of this many frames (long passthrough clips)",
     )
-    parser.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA too")
+    add_precision_argument(parser)
+    parser.add_argument(
+        "--finish-timeout-hours",
+        type=float,
+        default=24.0,
+        help="how long ranks that are done wait for the others before the manifest "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)  # = fp32
     # The deepspeed launcher passes --local_rank; the rank comes from the environment (World).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -32,7 +32,8 @@ def tiny_export_model(seed: int = 0, **overrides):
 
 def run_module(module: str, args: list[str], ranks: int = 1, timeout: int = 240):
     """`python -m module args`, or under torchrun with `ranks` CPU processes."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # CUDA hidden: CPU ranks on gloo even on a GPU machine (the GPU tests are in tests/gpu/).
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if ranks == 1:
         command = [sys.executable, "-m", module, *args]
     else:

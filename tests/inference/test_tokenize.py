@@ -72,6 +72,7 @@ def test_two_rank_export_covers_every_clip_once_and_decodes_to_the_evaluated_psn
     assert sorted(tokens) == sorted(clips)  # every clip exactly once
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["complete"] and manifest["missing"] == []
+    assert manifest["settings"]["precision"] == "fp32"  # 'auto' on CPU, as encode-file's
     assert manifest["totals"]["num_samples"] == len(clips)
     assert manifest["totals"]["num_skipped"] == 0
     assert len(manifest["shards"]) == len({name for _, _, name in clips.values()})
@@ -185,6 +186,7 @@ def test_file_commands_round_trip(source_videos, export_dir, tmp_path, suffix, m
     codes, meta = load_codes(codes_file)
     assert codes.dtype == np.int16 and codes.shape == (30, 16, 16) and meta.num_frames == 59
     assert (meta.frame_width, meta.frame_height, meta.fps) == (SIZE, SIZE, 25.0)
+    assert meta.precision == "fp32"  # 'auto' on CPU, recorded
     model = tiny_export_model()
     whole = model.tokenize(_frames_of(source, 59))[0]
     assert torch.equal(torch.from_numpy(codes.astype(np.int64)), whole)  # chunked == whole

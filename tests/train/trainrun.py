@@ -57,6 +57,9 @@ def _env(**extra) -> dict[str, str]:
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # CPU ranks on gloo even on a GPU machine: visible GPUs would make the ranks pick NCCL (and
+    # `set_device(1)` fails on a one-GPU box). The GPU tests pass CUDA_VISIBLE_DEVICES themselves.
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env
 
