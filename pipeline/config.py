@@ -23,6 +23,7 @@ from model.config import TokenizerConfig
 from pipeline.data import DataConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
 LR_DECAYS = ("cosine", "linear", "constant")
 # DataConfig fields the trainer fills in itself (they must agree with the model and batch).
 DERIVED_DATA_FIELDS = ("micro_batch_size", "time_compression")
@@ -112,6 +113,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None
     """If set, must equal micro_batch_size * gradient_accumulation_steps * world size."""
+    device: str = "auto"
+    """'auto': one CUDA device per rank (NCCL) where torch can use CUDA, else CPU ranks (gloo);
+    'cpu' forces CPU ranks on a GPU machine too (the deepspeed launcher sets
+    CUDA_VISIBLE_DEVICES for its ranks, so hiding the GPUs from it does not); 'cuda' requires
+    GPUs."""
     precision: str = "bf16"
     """bf16 (the default), fp32, or fp16 (only without the GAN and the perceptual loss, see
     __post_init__)."""
@@ -169,6 +175,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_videos < 0:
             raise ValueError(f"eval_videos must be >= 0, got {self.eval_videos}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "fp16" and (

@@ -40,8 +40,12 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def device_for(world: World) -> torch.device:
-    if torch.cuda.is_available():
+def device_for(world: World, requested: str = "auto") -> torch.device:
+    """This rank's device: 'auto' (CUDA device `local_rank` where torch can use CUDA, else the
+    CPU), 'cuda' (an error without CUDA) or 'cpu'."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch cannot use CUDA on this machine")
+    if requested != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
@@ -76,8 +80,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def in_process_group() -> bool:
+    """A process group exists (of any size). Collectives run then even on one rank, so that a
+    one-GPU job exercises the same device placement as a 64-GPU one."""
+    return dist.is_available() and dist.is_initialized()
 
 
 # Where tensors must be for a backend.
@@ -132,13 +138,13 @@ def _on_comm_device(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> to
     return tensor if target == tensor.device else tensor.to(target)
 
 
-# Collectives. Each is a no-op on one process.
+# Collectives. Each is a no-op without a process group.
 
 
 def _all_reduce(
     tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    if not is_distributed():
+    if not in_process_group():
         return tensor
     moved = _on_comm_device(tensor, group)
     dist.all_reduce(moved, op=op, group=group)
@@ -160,7 +166,7 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean across ranks (floating point); returns `tensor`."""
     _all_reduce(tensor, dist.ReduceOp.SUM)
-    if is_distributed():
+    if in_process_group():
         tensor /= dist.get_world_size()
     return tensor
 
@@ -179,7 +185,7 @@ def differentiable_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape on every rank), in rank order, on `tensor`'s device."""
-    if not is_distributed():
+    if not in_process_group():
         return [tensor]
     moved = _on_comm_device(tensor, None)
     gathered = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
@@ -190,7 +196,7 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's `obj` (picklable), in rank order, on every rank ([obj] on one process).
     With NCCL the pickles travel through the current CUDA device, which `device_for` sets."""
-    if not is_distributed():
+    if not in_process_group():
         return [obj]
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -199,7 +205,7 @@ def all_gather_objects(obj: object) -> list[object]:
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Waits for every rank of `group` (default: all), up to the group's timeout."""
-    if not is_distributed():
+    if not in_process_group():
         return
     served = backend_devices(_current_backend(group))
     if "cpu" not in served and served.get("cuda") == "nccl":
@@ -213,7 +219,7 @@ def new_wait_group(timeout_s: float) -> dist.ProcessGroup | None:
     """A gloo group of all ranks whose collectives wait up to `timeout_s`, for a final wait
     that may legitimately last longer than the default group's timeout (one rank with more
     work than the others). Collective: every rank calls it at the same point, early, before
-    the work starts. None on one process."""
-    if not is_distributed():
+    the work starts. None without a process group."""
+    if not in_process_group():
         return None
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

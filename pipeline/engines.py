@@ -29,18 +29,28 @@ from pipeline.world import World
 logger = logging.getLogger(__name__)
 
 
-def init_deepspeed_distributed(world: World, timeout_s: float) -> None:
-    """Joins (or creates) the process group through DeepSpeed's comm layer."""
+def init_deepspeed_distributed(
+    world: World, timeout_s: float, device: torch.device | None = None
+) -> None:
+    """Joins (or creates) the process group through DeepSpeed's comm layer: NCCL for CUDA
+    ranks, gloo for CPU ranks (`device`, default: CUDA where available)."""
     import datetime
 
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if not on_cuda and torch.cuda.is_available():
+        # CPU ranks on a GPU machine: DeepSpeed picks its accelerator once, at first use,
+        # from this variable or else from what torch can see.
+        import os
+
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import deepspeed.ops
 
-    if not torch.cuda.is_available():
+    if not on_cuda:
         # The shared-memory comm op is JIT-compiled on first use (40-100 s on a fresh machine)
         # and training on gloo never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if on_cuda else "gloo"
     if world.world_size == 1:
         # Without a launcher DeepSpeed falls back to MPI discovery (mpi4py); a world of one
         # only needs these to form its trivial process group.
@@ -101,7 +111,7 @@ def engine_config(
         # Bucketed, overlapped gradient reduction; contiguous buffers avoid fragmentation.
         ds["zero_optimization"].update(
             {
-                "overlap_comm": torch.cuda.is_available(),
+                "overlap_comm": torch.cuda.is_available() and config.device != "cpu",
                 "contiguous_gradients": True,
                 "reduce_bucket_size": 5e7,
                 "allgather_bucket_size": 5e7,
@@ -133,7 +143,7 @@ def _optimizer(params: list[nn.Parameter], optim: OptimizerConfig) -> torch.opti
         betas=optim.betas,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        fused=torch.cuda.is_available(),
+        fused=bool(params) and params[0].is_cuda,
     )
 
 

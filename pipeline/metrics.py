@@ -114,10 +114,10 @@ class TensorBoard:
             self.writer.close()
 
 
-def memory_bytes() -> int:
-    """Peak device memory (CUDA) or current resident memory (CPU) of this process."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+def memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory of the CUDA `device`, or current resident memory of this process (CPU)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/statm") as f:
             import os

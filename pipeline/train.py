@@ -36,9 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_before_start(config: TrainConfig, world: World) -> None:
     """Everything that can be checked without a process group: ValueError if anything is off."""
     config.check_world_size(world.world_size)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch cannot use CUDA on this machine")
     if config.init_from:
         init_source(Path(config.init_from))
-    if config.precision == "fp16" and not torch.cuda.is_available():
+    if config.precision == "fp16" and (config.device == "cpu" or not torch.cuda.is_available()):
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     for section in (config.data, config.eval_data):
         if section is None:
@@ -68,11 +70,12 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.distributed import device_for, teardown
     from pipeline.trainer import Trainer
 
-    if world.world_size > 1 and not torch.cuda.is_available():
+    device = device_for(world, config.device)
+    if world.world_size > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    engines.init_deepspeed_distributed(world, config.process_group_timeout_s)
+    engines.init_deepspeed_distributed(world, config.process_group_timeout_s, device)
     try:
-        trainer = Trainer(config, world, device_for(world))
+        trainer = Trainer(config, world, device)
         trainer.train()
     finally:
         teardown()

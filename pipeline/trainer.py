@@ -221,7 +221,7 @@ class Trainer:
             values["grad_norm/discriminator"] = ds.global_grad_norm(engines.discriminator)
         if self.step % self.config.codebook_stats_window == 0 or self.step == self.config.num_steps:
             values.update(self.codebook.read_and_reset())
-        values["perf/memory_gib"] = memory_bytes() / 2**30
+        values["perf/memory_gib"] = memory_bytes(self.device) / 2**30
         values["health/nonfinite_losses_total"] = float(self.counters["nonfinite_losses"])
         values["health/skipped_updates_total"] = float(
             sum(ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e)

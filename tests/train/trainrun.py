@@ -45,6 +45,8 @@ def base_overrides(output_dir: Path, shards: Path, **extra) -> list[str]:
         "losses.adversarial_warmup_steps": 2,
         "losses.gradient_penalty_every": 2,
         "process_group_timeout_s": 60,
+        # CPU ranks on gloo on a GPU machine too (the deepspeed launcher re-exposes the GPUs).
+        "device": "cpu",
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
@@ -58,8 +60,10 @@ def _env(**extra) -> dict[str, str]:
     }
     env.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     # CPU ranks on gloo even on a GPU machine: visible GPUs would make the ranks pick NCCL (and
-    # `set_device(1)` fails on a one-GPU box). The GPU tests pass CUDA_VISIBLE_DEVICES themselves.
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    # `set_device(1)` fails on a one-GPU box). torchrun passes CUDA_VISIBLE_DEVICES on; the
+    # deepspeed launcher sets it again per rank, hence also `device=cpu` in base_overrides and
+    # DS_ACCELERATOR (its launcher counts the accelerator's devices). GPU tests override these.
+    env.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
     env.update(extra)
     return env
 
