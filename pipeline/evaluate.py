@@ -34,7 +34,13 @@ from pipeline.distributed import (
     init_distributed,
     teardown,
 )
-from pipeline.inference import add_checkpoint_and_shards, autocast_for, load_tokenizer
+from pipeline.inference import (
+    add_checkpoint_and_shards,
+    add_precision_argument,
+    inference_precision,
+    load_tokenizer,
+    resolve_precision,
+)
 from pipeline.mp4 import Mp4Writer
 from pipeline.quality import (
     CodeHistogram,
@@ -80,6 +86,8 @@ class EvalResult:
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the loader skipped, by reason (missing keys, undecodable, too short, ...)."""
     lpips_note: str = ""
+    precision: str = ""
+    """The arithmetic the model ran in ('fp32' or 'bf16')."""
 
     def scalars(self, prefix: str = "eval/") -> dict[str, float]:
         """For TensorBoard: writer.add_scalar(name, value, step) for each item."""
@@ -129,7 +137,7 @@ def evaluate(
     video_writer: VideoWriter | None = None,
     lpips_model: torch.nn.Module | None = None,
     lpips_note: str = "",
-    autocast: bool = True,
+    precision: str = "auto",
 ) -> EvalResult:
     """One pass over `loader` (an eval-mode ShardLoader: every clip once across ranks);
     collective, so every rank must call it. Restores the model's training mode.
@@ -140,8 +148,10 @@ def evaluate(
         video_writer: called on rank 0 with clips for side-by-side videos.
         lpips_model: from `pipeline.quality.load_lpips`; None leaves LPIPS out.
         lpips_note: what to report about LPIPS (`LpipsStatus.note`).
-        autocast: bf16 autocast on CUDA (the quantizer stays fp32).
+        precision: 'auto', 'fp32' or 'bf16' (pipeline.inference.PRECISIONS): the token
+            export's policy, so evaluated reconstructions come from the exported codes.
     """
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     histogram = CodeHistogram(model.codebook_size, model.config.num_codebooks, device)
@@ -155,7 +165,7 @@ def evaluate(
                 video = batch.pixels(device)
                 if video.ndim == 4:  # images are one-frame clips
                     video = video.unsqueeze(2)
-                with autocast_for(device, autocast):
+                with inference_precision(device, precision):
                     output = model.reconstruct(video)
                 histogram.add(output.codes)
                 real, recon = to_unit_range(video), to_unit_range(output.recon)  # (b, c, t, h, w)
@@ -192,6 +202,7 @@ def evaluate(
         clips=clips,
         skipped={k: v for k, v in zip(_SKIP_REASONS, skipped.tolist(), strict=True) if v},
         lpips_note=lpips_note or ("computed" if lpips_model is not None else "not requested"),
+        precision=precision,
     )
 
 
@@ -244,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="AlexNet ImageNet weights (default: the torch hub cache)",
     )
-    parser.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA too")
+    add_precision_argument(parser)
+    parser.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)  # = fp32
     # The deepspeed launcher passes --local_rank; the rank comes from the environment (World).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -294,7 +306,7 @@ def _run(args: argparse.Namespace, world: World) -> int:
         video_writer=writer,
         lpips_model=lpips.model if lpips else None,
         lpips_note=lpips.note if lpips else "off (--lpips off)",
-        autocast=not args.no_autocast,
+        precision="fp32" if args.no_autocast else args.precision,
     )
     if result.num_clips == 0:
         raise ValueError(

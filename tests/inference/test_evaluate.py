@@ -131,6 +131,7 @@ def test_two_ranks_report_what_one_rank_reports(clip_dataset, export_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["precision"] == two["precision"] == "fp32"  # 'auto' on CPU
     assert one["num_clips"] == two["num_clips"] and one["skipped"] == two["skipped"] == {}
     for name in ("psnr", "ssim"):
         assert one[name] == pytest.approx(two[name], abs=1e-5)
