@@ -124,6 +124,8 @@ def load_lpips(device: torch.device, trunk_weights: str | None = None) -> LpipsS
         import lpips
     except ImportError:
         return LpipsStatus(None, "unavailable: the lpips package is not installed")
+    except RuntimeError as exc:  # lpips imports torchvision: one built for another torch
+        return LpipsStatus(None, f"unavailable: importing lpips failed ({exc})")
     path = trunk_weights or os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_TRUNK_FILE)
     if not os.path.isfile(path):
         return LpipsStatus(
