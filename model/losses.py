@@ -56,7 +56,14 @@ def vgg16_cache_path() -> Path:
 
 def load_vgg16(weights: str | Path | None = None) -> nn.Module:
     """torchvision VGG16 with ImageNet weights from `weights` or the torch hub cache."""
-    import torchvision
+    try:  # only here: training without the perceptual loss needs no torchvision
+        import torchvision
+    except (ImportError, RuntimeError) as error:  # a build for another torch raises RuntimeError
+        raise ImportError(
+            f"The perceptual loss needs torchvision built for this torch ({torch.__version__}), "
+            f"and importing it failed: {error}. Install the matching torchvision, or pass "
+            "vgg=<an nn.Module>, or set perceptual_loss_weight=0."
+        ) from error
 
     path = Path(weights) if weights is not None else vgg16_cache_path()
     if not path.is_file():
