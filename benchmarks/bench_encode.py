@@ -20,7 +20,15 @@ and the process's peak RSS: whole-video `encode` vs `encode_long(video, chunk_fr
 once with the speed config and once with `attend_time` added (whose exact chunked form keeps
 that layer's input for the whole video).
 
+On CUDA (`--device cuda`) every timed call sits between torch.cuda.synchronize() calls, and
+memory is torch.cuda.max_memory_allocated during the call above what was allocated before it
+(the input included there), measured in this process: RSS says nothing about GPU memory.
+`--precision bf16` runs every implementation under torch.autocast(bfloat16), as token export
+does (magvit2-pytorch has no bf16 mode of its own; both quantizers stay fp32); the codes are
+then compared by agreement share, since bf16 rounding can flip a code near a bit's boundary.
+
     python benchmarks/bench_encode.py --out benchmarks/results/encode.json
+    python benchmarks/bench_encode.py --device cuda --precision bf16 --presets card convs
 
 Needs the bench extra (magvit2-pytorch). Not part of the test run.
 """
@@ -28,9 +36,9 @@ Needs the bench extra (magvit2-pytorch). Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +51,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices import (  # noqa: E402
+    add_device_arguments,
+    cuda_peak_of,
+    machine_info,
+    resolve_device,
+    timed,
+)
 from reference_card import CARD_LAYERS  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -104,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_device_arguments(parser)
     # internal: measure one (variant, mode, frames) or (preset, impl) in this process, print JSON
     parser.add_argument("--rss-of", nargs=2, metavar=("PRESET", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -131,7 +147,15 @@ def perturb_(model: torch.nn.Module, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
-def build_models(args: argparse.Namespace, layers: tuple) -> dict[str, torch.nn.Module]:
+def precision_context(args: argparse.Namespace, device: torch.device):
+    if args.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_models(
+    args: argparse.Namespace, layers: tuple, device: torch.device | None = None
+) -> dict[str, torch.nn.Module]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from magvit2_pytorch import VideoTokenizer as ReferenceTokenizer
@@ -144,7 +168,8 @@ def build_models(args: argparse.Namespace, layers: tuple) -> dict[str, torch.nn.
     with warnings.catch_warnings():  # "outputs will differ": the point of the default settings
         warnings.simplefilter("ignore")
         load_reference_checkpoint(ours, reference.state_dict())
-    return {"reference": reference.eval(), "ours-quirks": quirks.eval(), "ours": ours.eval()}
+    models = {"reference": reference, "ours-quirks": quirks, "ours": ours}
+    return {name: model.to(device or torch.device("cpu")).eval() for name, model in models.items()}
 
 
 def make_video(batch: int, frames: int, size: int) -> torch.Tensor:
@@ -158,20 +183,27 @@ def preset_settings(args: argparse.Namespace, preset: str) -> argparse.Namespace
     return argparse.Namespace(**{**vars(args), **own})
 
 
-def speed(args: argparse.Namespace, preset: str) -> dict:
+def speed(args: argparse.Namespace, preset: str, device: torch.device) -> dict:
     settings = preset_settings(args, preset)
-    models = build_models(settings, PRESETS[preset]["layers"])
-    video = make_video(settings.batch, settings.frames, settings.size)
-    fns = {impl: models[impl].tokenize for impl in IMPLEMENTATIONS}
-    codes = {impl: fn(video) for impl, fn in fns.items()}  # warm-up, and the equality check
+    models = build_models(settings, PRESETS[preset]["layers"], device)
+    video = make_video(settings.batch, settings.frames, settings.size).to(device)
+
+    def tokenize(model: torch.nn.Module):
+        def run() -> torch.Tensor:
+            with precision_context(args, device):
+                return model.tokenize(video)
+
+        return run
+
+    fns = {impl: tokenize(models[impl]) for impl in IMPLEMENTATIONS}
+    codes = {impl: fn() for impl, fn in fns.items()}  # warm-up, and the equality check
     same = torch.equal(codes["ours-quirks"], codes["reference"].long())
-    del models, codes
+    agreement = float((codes["ours-quirks"] == codes["reference"].long()).double().mean())
+    del codes
     times: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(args.repeats):
         for impl, fn in fns.items():
-            start = time.perf_counter()
-            fn(video)
-            times[impl].append(time.perf_counter() - start)
+            times[impl].append(timed(fn, device))
     rows = {}
     for impl in fns:
         median = statistics.median(times[impl])
@@ -179,14 +211,24 @@ def speed(args: argparse.Namespace, preset: str) -> dict:
             "seconds_median": median,
             "clips_per_s": settings.batch / median,
             "seconds_all": times[impl],
-            **rss_in_subprocess(preset, impl, args),
+            **(
+                cuda_peak_of(fns[impl], device)
+                if device.type == "cuda"
+                else rss_in_subprocess(preset, impl, args)
+            ),
         }
+    del models
     for impl in ("ours-quirks", "ours"):
         rows[impl]["speedup_vs_reference"] = (
             rows["reference"]["seconds_median"] / rows[impl]["seconds_median"]
         )
     settings_out = {k: getattr(settings, k) for k in ("size", "init_dim", "batch", "frames")}
-    return {"settings": settings_out, "rows": rows, "ours_quirks_codes_equal_reference": same}
+    return {
+        "settings": settings_out,
+        "rows": rows,
+        "ours_quirks_codes_equal_reference": same,
+        "ours_quirks_codes_agreement_with_reference": agreement,
+    }
 
 
 def measure_rss(preset: str, impl: str, args: argparse.Namespace) -> dict:
@@ -204,7 +246,8 @@ def measure_rss(preset: str, impl: str, args: argparse.Namespace) -> dict:
     video = make_video(settings.batch, settings.frames, settings.size)
     _peak_rss_since_reset(reset=True)
     rss_before = _rss_bytes()
-    model.eval().tokenize(video)
+    with precision_context(args, torch.device("cpu")):
+        model.eval().tokenize(video)
     peak = _peak_rss_since_reset()
     return {"peak_rss_bytes": peak, "peak_rss_above_start_bytes": peak - rss_before}
 
@@ -214,6 +257,7 @@ def rss_in_subprocess(preset: str, impl: str, args: argparse.Namespace) -> dict:
     command += ["--frames", str(args.frames), "--threads", str(args.threads)]
     command += ["--size", str(args.size), "--init-dim", str(args.init_dim)]
     command += ["--batch", str(args.batch), "--codebook-size", str(args.codebook_size)]
+    command += ["--precision", args.precision]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see memory_in_subprocess
     result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -235,22 +279,44 @@ def _peak_rss_since_reset(reset: bool = False) -> int:
     return int(line.split()[1]) * 1024
 
 
+def memory_run(variant: str, mode: str, frames: int, args: argparse.Namespace, device):
+    """(one encode of the memory preset as a call, its input video)."""
+    layers = PRESETS[MEMORY_PRESET]["layers"]
+    layers = (*layers, "attend_time") if variant == "with-attend-time" else layers
+    torch.manual_seed(0)
+    model = VideoTokenizer(**model_kwargs(args, layers)).to(device).eval()
+    video = make_video(1, frames, args.size).to(device)
+
+    def run():
+        with precision_context(args, device):
+            if mode == "whole":
+                return model.tokenize(video)
+            return model.encode_long(video, args.chunk_frames)
+
+    return run, video
+
+
+def measure_cuda_memory(variant: str, mode: str, frames: int, args, device) -> dict:
+    """Peak CUDA memory of one encode above what was allocated before it (model and input)."""
+    run, video = memory_run(variant, mode, frames, args, device)
+    run()  # warm-up: kernels chosen, workspaces allocated
+    seconds = timed(run, device)
+    peak = cuda_peak_of(run, device)
+    return {
+        "peak_encode_bytes": peak["peak_step_bytes"],
+        "peak_live_bytes": peak["peak_live_bytes"],
+        "input_bytes": video.numel() * video.element_size(),
+        "seconds": seconds,
+        "memory_source": peak["memory_source"],
+    }
+
+
 def measure_memory(variant: str, mode: str, frames: int, args: argparse.Namespace) -> dict:
     """Peak live tensor bytes of one encode above the bytes live before it (profiler), and the
     process's peak RSS over an unprofiled run (model, input and all)."""
     from torch.profiler import ProfilerActivity, profile
 
-    layers = PRESETS[MEMORY_PRESET]["layers"]
-    layers = (*layers, "attend_time") if variant == "with-attend-time" else layers
-    torch.manual_seed(0)
-    model = VideoTokenizer(**model_kwargs(args, layers)).eval()
-    video = make_video(1, frames, args.size)
-
-    def run():
-        if mode == "whole":
-            return model.tokenize(video)
-        return model.encode_long(video, args.chunk_frames)
-
+    run, video = memory_run(variant, mode, frames, args, torch.device("cpu"))
     _peak_rss_since_reset(reset=True)
     rss_before = _rss_bytes()
     run()  # warm-up (lazily created state), and the run whose peak RSS is reported
@@ -294,6 +360,8 @@ def memory_in_subprocess(variant: str, mode: str, frames: int, args) -> dict:
         str(args.chunk_frames),
         "--threads",
         str(args.threads),
+        "--precision",
+        args.precision,
     ]
     # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps them
     # in its heap, and RSS would track that heap's growth rather than live memory.
@@ -311,6 +379,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.rss_of:
         print(json.dumps(measure_rss(*args.rss_of, args)))
         return {}
+    device = resolve_device(args.device)
     results: dict = {
         "config": {
             "presets": PRESETS,
@@ -322,22 +391,21 @@ def main(args: argparse.Namespace) -> dict:
             "codebook_size": args.codebook_size,
             "threads": args.threads,
             "chunk_frames": args.chunk_frames,
+            "device": args.device,
+            "precision": args.precision,
         },
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine_info(device),
     }
     if not args.skip_speed:
-        results["speed"] = {name: speed(args, name) for name in args.presets}
+        results["speed"] = {name: speed(args, name, device) for name in args.presets}
     results["memory"] = {}
     for variant in () if args.skip_memory else ("speed-config", "with-attend-time"):
         rows = {}
         for frames in args.memory_frames:
             rows[frames] = {
-                mode: memory_in_subprocess(variant, mode, frames, args)
+                mode: measure_cuda_memory(variant, mode, frames, args, device)
+                if device.type == "cuda"
+                else memory_in_subprocess(variant, mode, frames, args)
                 for mode in ("whole", "chunked")
             }
         results["memory"][variant] = rows
@@ -347,29 +415,38 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def print_tables(results: dict) -> None:
+    # CUDA: peak allocated above the start (RSS is not measured there).
+    cuda = results["config"].get("device") == "cuda"
+    peak_key, peak_name = (
+        ("peak_step_bytes", "peak CUDA MiB") if cuda else ("peak_rss_bytes", "peak RSS MiB")
+    )
     for preset, result in results.get("speed", {}).items():
         print(f"\nspeed ({preset}, {result['settings']}): tokenize")
-        print(f"{'impl':<14}{'median s':>10}{'clips/s':>9}{'vs ref':>8}{'peak RSS MiB':>14}")
+        print(f"{'impl':<14}{'median s':>10}{'clips/s':>9}{'vs ref':>8}{peak_name:>14}")
         for impl, row in result["rows"].items():
             a = row.get("speedup_vs_reference")
             print(
                 f"{impl:<14}{row['seconds_median']:>10.3f}{row['clips_per_s']:>9.2f}"
-                f"{(f'{a:.2f}x' if a else '-'):>8}{row['peak_rss_bytes'] / 2**20:>14.0f}"
+                f"{(f'{a:.2f}x' if a else '-'):>8}{row[peak_key] / 2**20:>14.0f}"
             )
-        print("ours-quirks codes == reference codes:", result["ours_quirks_codes_equal_reference"])
-    for variant, rows in results["memory"].items():
         print(
-            f"\nmemory ({MEMORY_PRESET} preset, {variant}): peak tensor MiB above the input"
-            " | peak RSS MiB of the process"
+            "ours-quirks codes == reference codes:",
+            result["ours_quirks_codes_equal_reference"],
+            f"(agreement {result['ours_quirks_codes_agreement_with_reference']:.4f})",
         )
-        print(f"{'frames':>7}{'whole':>10}{'chunked':>10}{'whole RSS':>11}{'chunked RSS':>13}")
+    for variant, rows in results["memory"].items():
+        what = "peak CUDA MiB above the start" if cuda else "peak tensor MiB above the input"
+        print(f"\nmemory ({MEMORY_PRESET} preset, {variant}): {what}", end="")
+        print("" if cuda else " | peak RSS MiB of the process")
+        rss = "" if cuda else f"{'whole RSS':>11}{'chunked RSS':>13}"
+        print(f"{'frames':>7}{'whole':>10}{'chunked':>10}{rss}")
         for frames, row in rows.items():
             w, c = row["whole"], row["chunked"]
-            print(
-                f"{frames:>7}{w['peak_encode_bytes'] / 2**20:>10.1f}"
-                f"{c['peak_encode_bytes'] / 2**20:>10.1f}{w['peak_rss_bytes'] / 2**20:>11.0f}"
-                f"{c['peak_rss_bytes'] / 2**20:>13.0f}"
-            )
+            line = f"{frames:>7}{w['peak_encode_bytes'] / 2**20:>10.1f}"
+            line += f"{c['peak_encode_bytes'] / 2**20:>10.1f}"
+            if not cuda:
+                line += f"{w['peak_rss_bytes'] / 2**20:>11.0f}{c['peak_rss_bytes'] / 2**20:>13.0f}"
+            print(line)
 
 
 if __name__ == "__main__":

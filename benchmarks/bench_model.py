@@ -7,7 +7,16 @@ Same config, same input, same (random) VGG16 weights, in one run:
 - peak memory of one step, each measured in a fresh subprocess: the peak of live tensor memory
   during the step above what was live before it (profiler memory timeline), and peak RSS.
 
+On CUDA (`--device cuda`) each timed step sits between torch.cuda.synchronize() calls, and the
+memory is torch.cuda.max_memory_allocated during the step above what was allocated before it,
+measured in this process (the caching allocator counts tensors exactly; RSS says nothing about
+GPU memory). `--precision bf16`: magvit2-pytorch has no bf16 mode of its own, so it runs under
+torch.autocast(bfloat16) with fp32 weights; ours runs as the trainer's bf16 DeepSpeed engine
+runs it, weights and input cast to bf16 (the quantizer stays fp32 either way). Both get the
+same input values (rounded to bf16).
+
     python benchmarks/bench_model.py --out benchmarks/results/model.json
+    python benchmarks/bench_model.py --device cuda --precision bf16 --size 128 --frames 17
 
 Needs the bench extra (magvit2-pytorch). Not part of the test run.
 """
@@ -15,26 +24,31 @@ Needs the bench extra (magvit2-pytorch). Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices import (  # noqa: E402
+    add_device_arguments,
+    cuda_peak_of,
+    machine_info,
+    resolve_device,
+    timed,
+)
+from flop_count import count_flops  # noqa: E402
 from reference_card import CARD_LAYERS  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -55,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--skip-memory", action="store_true")
+    add_device_arguments(parser)
     # internal: measure one (implementation, step) in this process and print JSON
     parser.add_argument(
         "--memory-of", nargs=3, metavar=("IMPL", "STEP", "MODE"), help=argparse.SUPPRESS
@@ -62,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
+def build(
+    impl: str, args: argparse.Namespace, device: torch.device | None = None
+) -> torch.nn.Module:
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16(weights=None)  # random weights: none are available offline
     kwargs = dict(
@@ -85,13 +102,28 @@ def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
             vgg=vgg16_fc7_features(copy.deepcopy(vgg)),
             gradient_checkpointing=impl.endswith("checkpointing"),
         )
+    model = model.to(device or torch.device("cpu"))
+    if args.precision == "bf16" and impl != "reference":
+        model = model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine holds it
     return model.train()
 
 
-def make_video(args: argparse.Namespace) -> torch.Tensor:
+def make_video(args: argparse.Namespace, impl: str = "ours", device=None) -> torch.Tensor:
+    """The same values for every implementation: bf16-rounded under --precision bf16, in bf16
+    for ours (a bf16 model takes bf16 input) and in fp32 for the reference (autocast casts)."""
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch, 3, args.frames, args.size, args.size)
-    return torch.rand(shape, generator=generator) * 2 - 1
+    video = torch.rand(shape, generator=generator) * 2 - 1
+    if args.precision == "bf16":
+        video = video.bfloat16() if impl != "reference" else video.bfloat16().float()
+    return video.to(device or torch.device("cpu"))
+
+
+def precision_context(impl: str, args: argparse.Namespace, device: torch.device):
+    """Autocast for the reference under bf16; ours is cast instead (see `build`)."""
+    if args.precision == "bf16" and impl == "reference":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def generator_step(model: torch.nn.Module, video: torch.Tensor) -> None:
@@ -111,38 +143,24 @@ def discriminator_step(model: torch.nn.Module, video: torch.Tensor, recon: torch
     model.zero_grad(set_to_none=True)
 
 
-def step_fn(step: str, model: torch.nn.Module, video: torch.Tensor):
+def step_fn(step: str, model: torch.nn.Module, video: torch.Tensor, context=None):
+    """One step as a call; `context` (a factory of context managers) wraps it, e.g. autocast."""
+    context = context or contextlib.nullcontext
     if step == "generator":
-        return lambda: generator_step(model, video)
-    with torch.no_grad():
+
+        def generator() -> None:
+            with context():
+                generator_step(model, video)
+
+        return generator
+    with torch.no_grad(), context():
         recon = model(video).detach()
-    return lambda: discriminator_step(model, video, recon)
 
+    def discriminator() -> None:
+        with context():
+            discriminator_step(model, video, recon)
 
-class FlopCount(TorchDispatchMode):
-    """FLOPs of every op that torch.utils.flop_counter knows (convolutions, matmuls, attention).
-
-    FlopCounterMode itself also tracks modules with backward hooks, which break
-    autograd.grad(create_graph=True) in the gradient penalty; the op counts are the same.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.flops += count(*args, **kwargs, out_val=out)
-        return out
-
-
-def count_flops(fn) -> float:
-    with FlopCount() as counter:
-        fn()
-    return float(counter.flops)
+    return discriminator
 
 
 def measure_memory(impl: str, step: str, args: argparse.Namespace, profiled: bool) -> dict:
@@ -150,8 +168,8 @@ def measure_memory(impl: str, step: str, args: argparse.Namespace, profiled: boo
     Not profiled (the profiler's own records would dominate): peak RSS above the RSS before."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, video = build(impl, args), make_video(args)
-    fn = step_fn(step, model, video)
+    model, video = build(impl, args), make_video(args, impl)
+    fn = step_fn(step, model, video, lambda: precision_context(impl, args, torch.device("cpu")))
     fn()  # warm-up: lazily created state (VGG, optimizer-free grads) exists before measuring
     if not profiled:
         rss_before = _rss_bytes()
@@ -204,6 +222,8 @@ def _one_memory_subprocess(impl: str, step: str, mode: str, args: argparse.Names
         str(args.codebook_size),
         "--threads",
         str(args.threads),
+        "--precision",
+        args.precision,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -215,8 +235,9 @@ def main(args: argparse.Namespace) -> dict:
         impl, step, mode = args.memory_of
         print(json.dumps(measure_memory(impl, step, args, profiled=mode == "profiled")))
         return {}
-    video = make_video(args)
-    models = {impl: build(impl, args) for impl in IMPLEMENTATIONS}
+    device = resolve_device(args.device)
+    models = {impl: build(impl, args, device) for impl in IMPLEMENTATIONS}
+    videos = {impl: make_video(args, impl, device) for impl in IMPLEMENTATIONS}
     results: dict = {
         "config": {
             "layers": CARD_LAYERS,
@@ -228,24 +249,36 @@ def main(args: argparse.Namespace) -> dict:
             "threads": args.threads,
             "perceptual": "VGG16 fc7 (random weights)",
             "gan": True,
+            "device": args.device,
+            "precision": args.precision,
+            "bf16": {
+                "reference": "torch.autocast(bfloat16), fp32 weights",
+                "ours": "weights and input cast to bf16 (the DeepSpeed bf16 engine's way)",
+            }
+            if args.precision == "bf16"
+            else None,
         },
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
+        "machine": machine_info(device),
         "steps": {},
     }
     for step in ("generator", "discriminator"):
-        fns = {impl: step_fn(step, model, video) for impl, model in models.items()}
+        fns = {
+            impl: step_fn(
+                step,
+                model,
+                videos[impl],
+                lambda impl=impl: precision_context(impl, args, device),
+            )
+            for impl, model in models.items()
+        }
         flops = {impl: count_flops(fn) for impl, fn in fns.items()}
+        if device.type == "cuda":  # kernels chosen and workspaces allocated before timing
+            for fn in fns.values():
+                fn()
         times: dict[str, list[float]] = {impl: [] for impl in fns}
         for _ in range(args.repeats):
             for impl, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[impl].append(time.perf_counter() - start)
+                times[impl].append(timed(fn, device))
         step_results = {}
         for impl in fns:
             median = statistics.median(times[impl])
@@ -255,7 +288,11 @@ def main(args: argparse.Namespace) -> dict:
                 "gflop": flops[impl] / 1e9,
                 "gflop_per_s": flops[impl] / 1e9 / median,
             }
-            if not args.skip_memory:
+            if args.skip_memory:
+                continue
+            if device.type == "cuda":
+                step_results[impl].update(cuda_peak_of(fns[impl], device))
+            else:
                 step_results[impl].update(memory_in_subprocess(impl, step, args))
         reference = step_results["reference"]
         for impl in ("ours", "ours+checkpointing"):
@@ -279,7 +316,10 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_table(results: dict) -> None:
     header = f"{'step':<14}{'impl':<20}{'median s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'speedup':>9}"
-    header += f"{'peak step MiB':>15}{'RSS +MiB':>14}"
+    if results["config"].get("device") == "cuda":
+        header += f"{'peak CUDA MiB':>15}"
+    else:
+        header += f"{'peak step MiB':>15}{'RSS +MiB':>14}"
     print(header)
     for step, rows in results["steps"].items():
         for impl, row in rows.items():
@@ -289,10 +329,9 @@ def print_table(results: dict) -> None:
                 f"{row['gflop_per_s']:>9.1f}{(f'{speedup:.2f}x' if speedup else '-'):>9}"
             )
             if "peak_step_bytes" in row:
-                line += (
-                    f"{row['peak_step_bytes'] / 2**20:>15.0f}"
-                    f"{row['peak_rss_above_start_bytes'] / 2**20:>14.0f}"
-                )
+                line += f"{row['peak_step_bytes'] / 2**20:>15.0f}"
+            if "peak_rss_above_start_bytes" in row:  # CPU only: RSS says nothing about a GPU
+                line += f"{row['peak_rss_above_start_bytes'] / 2**20:>14.0f}"
             print(line)
 
 

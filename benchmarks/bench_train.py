@@ -17,7 +17,16 @@ too). Stage 0 is measured here although training refuses it (see pipeline/config
 Memory: the trainer's peak RSS over 3 iterations above the RSS before the first, with and
 without activation checkpointing, each in a fresh process.
 
+On CUDA (`--device cuda`) both trainers run on the GPU, each timed iteration between
+torch.cuda.synchronize() calls, and the memory is torch.cuda.max_memory_allocated over the 3
+iterations above what was allocated before them (RSS says nothing about GPU memory). The ZeRO
+figures still come from 2 CPU ranks (one GPU cannot hold two NCCL ranks; the optimizer state's
+size does not depend on the device). `--precision bf16`: ours as configured (DeepSpeed bf16
+engines), the reference through accelerate's mixed_precision="bf16" (torch.autocast; it has no
+bf16 mode of its own).
+
     python benchmarks/bench_train.py --out benchmarks/results/train.json
+    python benchmarks/bench_train.py --device cuda --precision bf16 --skip-zero
 
 Needs the bench extra (magvit2-pytorch and its trainer's dependencies). Not part of the tests.
 """
@@ -29,13 +38,11 @@ import contextlib
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -44,11 +51,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from devices import (  # noqa: E402
+    add_device_arguments,
+    cuda_peak_of,
+    machine_info,
+    resolve_device,
+    timed,
+)
 from reference_card import CARD_LAYERS  # noqa: E402
 from report import write_report  # noqa: E402
 
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import Batch, DataConfig, ShardLoader  # noqa: E402
+from pipeline.distributed import teardown  # noqa: E402
 from pipeline.world import World  # noqa: E402
 
 SIZE, FRAMES, BATCH, LR = 64, 9, 2, 1e-4
@@ -63,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-zero", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    add_device_arguments(parser)
     # internal: one measurement in this process, JSON to --result
     parser.add_argument("--worker", choices=("zero", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
@@ -82,13 +98,13 @@ def model_kwargs() -> dict:
     )
 
 
-def train_config(shards: str, output_dir: str, **extra):
+def train_config(shards: str, output_dir: str, precision: str = "fp32", **extra):
     model = {**model_kwargs(), "layers": list(CARD_LAYERS)}
     return config_from_dict(
         {
             "output_dir": output_dir,
             "micro_batch_size": BATCH,
-            "precision": "fp32",
+            "precision": precision,
             "model": model,
             "data": {"video_shards": [shards], "num_frames": FRAMES, "num_workers": 0},
             "losses": {
@@ -146,7 +162,7 @@ class ClipDataset(torch.utils.data.Dataset):
         return self.clips[index]
 
 
-def reference_trainer(batches: list[Batch], work: Path):
+def reference_trainer(batches: list[Batch], work: Path, device: torch.device, precision: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from magvit2_pytorch import VideoTokenizer as ReferenceTokenizer
@@ -169,6 +185,10 @@ def reference_trainer(batches: list[Batch], work: Path):
             results_folder=str(work / "ref_results"),
             validate_every_step=10**9,
             checkpoint_every_step=10**9,
+            accelerate_kwargs={
+                "cpu": device.type == "cpu",
+                "mixed_precision": "bf16" if precision == "bf16" else "no",
+            },
         )
     iterator = _cycle(trainer.dataloader)
 
@@ -184,14 +204,16 @@ def _cycle(loader):
         yield from loader
 
 
-def our_trainer(shards: str, batches: list[Batch], work: Path, **extra):
+def our_trainer(
+    shards: str, batches: list[Batch], work: Path, device: torch.device, precision: str, **extra
+):
     from pipeline import engines
     from pipeline.trainer import Trainer
 
-    config = train_config(shards, str(work / "ours"), **extra)
+    config = train_config(shards, str(work / "ours"), precision, device=device.type, **extra)
     world = World.from_env()
-    engines.init_deepspeed_distributed(world, 600)
-    trainer = Trainer(config, world, torch.device("cpu"))
+    engines.init_deepspeed_distributed(world, 600, device)
+    trainer = Trainer(config, world, device)
     position = [0]
 
     def step() -> None:
@@ -205,19 +227,18 @@ def our_trainer(shards: str, batches: list[Batch], work: Path, **extra):
     return step
 
 
-def bench_speed(args: argparse.Namespace, shards: str, work: Path) -> dict:
+def bench_speed(args: argparse.Namespace, shards: str, work: Path, device: torch.device) -> dict:
     batches = clips_in_memory(shards)
-    steps = {"reference": reference_trainer(batches, work)}  # before DeepSpeed's process group
-    steps["ours"] = our_trainer(shards, batches, work)
+    # The reference first: before DeepSpeed's process group exists.
+    steps = {"reference": reference_trainer(batches, work, device, args.precision)}
+    steps["ours"] = our_trainer(shards, batches, work, device, args.precision)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
     for _ in range(args.repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(step, device))
     rows = {
         name: {"seconds_median": statistics.median(t), "seconds_all": t}
         for name, t in times.items()
@@ -235,10 +256,10 @@ def bench_speed(args: argparse.Namespace, shards: str, work: Path) -> dict:
 
 def zero_worker(args: argparse.Namespace) -> None:
     import deepspeed
-    import torch.distributed as dist
 
     from model import VideoTokenizer
     from pipeline import engines
+    from pipeline.distributed import all_gather_tensors, barrier
     from pipeline.objectives import GeneratorObjective
 
     world = World.from_env()
@@ -248,7 +269,14 @@ def zero_worker(args: argparse.Namespace) -> None:
     video = clips_in_memory(args.shards)[0].pixels()[:, :, :1]
     results = {}
     for precision, stage in [(p, s) for p in ("fp32", "bf16") for s in (0, 1, 2)]:
-        config = train_config(args.shards, str(args.result.parent / "zero"), precision=precision)
+        # DeepSpeed refuses fp32 gradient accumulation for a bf16 model without ZeRO, so that
+        # row reduces in bf16 (the trainer refuses stage 0 anyway).
+        config = train_config(
+            args.shards,
+            str(args.result.parent / "zero"),
+            precision=precision,
+            fp32_gradient_reduction=stage > 0,
+        )
         torch.manual_seed(0)
         tokenizer = VideoTokenizer.from_config(config.model)
         tokenizer.detach_discriminators()
@@ -265,8 +293,7 @@ def zero_worker(args: argparse.Namespace) -> None:
         engine.backward(loss)
         engine.step()
         mine = torch.tensor(list(engines.optimizer_state_bytes(engine).values()))
-        every = [torch.zeros_like(mine) for _ in range(world.world_size)]
-        dist.all_gather(every, mine)
+        every = all_gather_tensors(mine)
         params = sum(p.numel() for p in tokenizer.parameters())
         results[f"{precision}/zero{stage}"] = {
             "parameters": params,
@@ -278,7 +305,7 @@ def zero_worker(args: argparse.Namespace) -> None:
         del engine, optimizer, module, tokenizer
     if world.rank == 0:
         args.result.write_text(json.dumps(results))
-    dist.barrier()
+    barrier()
 
 
 def bench_zero(args: argparse.Namespace, shards: str, work: Path) -> dict:
@@ -289,7 +316,9 @@ def bench_zero(args: argparse.Namespace, shards: str, work: Path) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_port", str(port), __file__, "--worker", "zero"]
     command += ["--shards", shards, "--result", str(result)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU ranks on gloo on any machine: state sizes do not depend on the device, and one GPU
+    # cannot hold two NCCL ranks.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"the ZeRO measurement failed:\n{done.stderr[-3000:]}")
@@ -310,13 +339,21 @@ def bench_zero(args: argparse.Namespace, shards: str, work: Path) -> dict:
 def memory_worker(args: argparse.Namespace) -> None:
     work = args.result.parent
     batches = clips_in_memory(args.shards)
+    device = resolve_device(args.device)
     step = our_trainer(
         args.shards,
         batches,
         work / f"mem{int(args.checkpointing)}",
+        device,
+        args.precision,
         activation_checkpointing=args.checkpointing,
     )
     step()  # lazily created state (optimizer moments, buffers) is not the activations' peak
+    if device.type == "cuda":
+        peak = cuda_peak_of(lambda: [step() for _ in range(3)], device)["peak_step_bytes"]
+        args.result.write_text(json.dumps({"peak_cuda_above_start_bytes": peak}))
+        teardown()  # NCCL wants its group destroyed before the interpreter exits
+        return
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
     before = _status_kib("VmRSS")
@@ -339,6 +376,7 @@ def bench_memory(args: argparse.Namespace, shards: str, work: Path) -> dict:
         result = work / f"memory{int(checkpointing)}.json"
         command = [sys.executable, __file__, "--worker", "memory", "--shards", shards]
         command += ["--result", str(result), "--threads", str(args.threads)]
+        command += ["--device", args.device, "--precision", args.precision]
         command += ["--checkpointing"] if checkpointing else []
         # A fixed mmap threshold: otherwise glibc keeps freed large blocks in its heap and RSS
         # tracks the heap's growth rather than live memory.
@@ -349,10 +387,8 @@ def bench_memory(args: argparse.Namespace, shards: str, work: Path) -> dict:
         if done.returncode:
             sys.exit(f"the memory measurement failed:\n{done.stderr[-3000:]}")
         rows["with_checkpointing" if checkpointing else "without"] = json.loads(result.read_text())
-    rows["ratio"] = (
-        rows["with_checkpointing"]["peak_rss_above_start_bytes"]
-        / rows["without"]["peak_rss_above_start_bytes"]
-    )
+    key = next(iter(rows["without"]))  # peak RSS on CPU, peak CUDA memory on CUDA
+    rows["ratio"] = rows["with_checkpointing"][key] / rows["without"][key]
     return rows
 
 
@@ -364,6 +400,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.worker == "memory":
         memory_worker(args)
         return {}
+    device = resolve_device(args.device)
     results: dict = {
         "config": {
             **model_kwargs(),
@@ -371,14 +408,10 @@ def main(args: argparse.Namespace) -> dict:
             "batch": BATCH,
             "lr": LR,
             "threads": args.threads,
-            "precision": "fp32",
+            "precision": args.precision,
+            "device": args.device,
         },
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": {**machine_info(device), "cpus": os.cpu_count()},
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -388,7 +421,8 @@ def main(args: argparse.Namespace) -> dict:
         if not args.skip_memory:
             results["activation_checkpointing"] = bench_memory(args, shards, work)
         if not args.skip_speed:
-            results["speed"] = bench_speed(args, shards, work)
+            results["speed"] = bench_speed(args, shards, work, device)
+            teardown()
     print_tables(results)
     write_report(results, args.out)
     return results
@@ -396,7 +430,11 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_tables(results: dict) -> None:
     if "speed" in results:
-        print("\ntraining iteration (generator + discriminator update), fp32, batch 2")
+        config = results["config"]
+        print(
+            "\ntraining iteration (generator + discriminator update), "
+            f"{config['precision']} on {config['device']}, batch {config['batch']}"
+        )
         for name, row in results["speed"]["rows"].items():
             ratio = row.get("speedup_vs_reference")
             print(
@@ -414,9 +452,11 @@ def print_tables(results: dict) -> None:
             )
     if "activation_checkpointing" in results:
         rows = results["activation_checkpointing"]
-        print("\ntrainer peak RSS above the start, 3 iterations")
+        key = next(iter(rows["without"]))
+        what = "peak CUDA memory" if key.startswith("peak_cuda") else "peak RSS"
+        print(f"\ntrainer {what} above the start, 3 iterations")
         for name in ("without", "with_checkpointing"):
-            print(f"  {name:<20} {rows[name]['peak_rss_above_start_bytes'] / 2**20:8.1f} MiB")
+            print(f"  {name:<20} {rows[name][key] / 2**20:8.1f} MiB")
         print(f"  ratio {rows['ratio']:.2f}")
 
 

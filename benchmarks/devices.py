@@ -1,0 +1,84 @@
+"""Device and precision options shared by the model, encode, train and GPU-train benchmarks:
+`--device {cpu,cuda}`, `--precision {fp32,bf16}`, synchronized timing, peak CUDA memory, and
+the machine description every JSON report carries."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="cuda: synchronized timings, peak CUDA memory instead of RSS (default: %(default)s)",
+    )
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device to run on; exits with the reason where CUDA is asked for and absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        sys.exit(
+            f"--device cuda: no CUDA device is visible (torch {torch.__version__}, built for "
+            f"CUDA {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES={visible!r})"
+        )
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds of one call, with the device's queued work inside the measurement."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def cuda_peak_of(fn, device: torch.device) -> dict:
+    """Peak CUDA memory allocated during one call, above (and including) what was allocated
+    before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "peak_step_bytes": peak - before,
+        "peak_live_bytes": peak,
+        "memory_source": "torch.cuda.max_memory_allocated",
+    }
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
