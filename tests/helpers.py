@@ -67,3 +67,15 @@ def randomize_(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> Non
 def video(batch: int = 2, frames: int = 9, size: int = 16, channels: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, channels, frames, size, size, generator=generator).clamp(-1, 1)
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """os.environ for a subprocess that imports the project: the repository first on PYTHONPATH,
+    whatever was there kept (a node installed with `install_offline.sh --target` has its
+    packages there)."""
+    import os
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path, **extra}

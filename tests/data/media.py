@@ -22,6 +22,8 @@ from data_prep.clips import ClipConfig
 from data_prep.format import META_KEY, SampleMeta, read_manifest
 from data_prep.shard import RunResult, ShardConfig, run
 
+from helpers import repo_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -93,7 +95,7 @@ def shard(inputs: list[str], output: str, workers: int = 2, **clip_and_run) -> R
 
 
 def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = repo_env()
     return subprocess.run(
         [sys.executable, "-m", "data_prep", *args],
         cwd=REPO,

@@ -33,6 +33,8 @@ from pipeline.data import DataConfig, ShardLoader
 from pipeline.data_decode import to_uint8
 from pipeline.world import World
 
+from helpers import repo_env
+
 
 def test_clip_plan_and_sizes():
     assert clip_indices(0, 4, 4, 1.0) == [0, 1, 2, 3]
@@ -274,14 +276,12 @@ def test_sbatch_script_runs_array_tasks(tmp_path, synthetic_sources):
     folder = os.path.dirname(next(iter(synthetic_sources)))
     out = str(tmp_path / "out")
     for task in ("1", "0"):
-        env = dict(
-            os.environ,
+        env = repo_env(
             SLURM_ARRAY_TASK_ID=task,
             SLURM_ARRAY_TASK_COUNT="2",
             PYTHON=sys.executable,
             REPO=REPO,
             WORKERS="1",
-            PYTHONPATH=REPO,
         )
         script = os.path.join(REPO, "launch", "shard.sbatch")
         args = [folder, "--output", out, "--num-frames", "9", "--size", "32", "--no-progress"]

@@ -19,6 +19,8 @@ from data_prep.format import JOURNAL_DIR, read_manifest
 from data_prep.verify import verify
 from data_prep.writer import read_journal
 
+from helpers import repo_env
+
 
 def _reasons(manifest) -> dict[str, str]:
     return {os.path.basename(s.path): s.reason for s in manifest.skipped}
@@ -134,7 +136,7 @@ def test_unreadable_file_is_skipped_then_retried(tmp_path):
         "32",
         "--no-progress",
     ]
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = repo_env()
     command = [*prefix, sys.executable, "-m", "data_prep", *args]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
@@ -177,7 +179,7 @@ def test_kill_and_rerun_keeps_each_clip_once(tmp_path):
         "medium",
         "--no-progress",
     ]
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = repo_env()
     process = subprocess.Popen(
         args,
         cwd=REPO,
@@ -299,7 +301,7 @@ def test_worker_crash_skips_its_file_and_redoes_its_shard(tmp_path):
         "medium",
         "--no-progress",
     ]
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = repo_env()
     process = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -3,12 +3,11 @@ running a module as a CLI (one process, or several under torchrun)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import randomize_, tiny_tokenizer
+from helpers import randomize_, repo_env, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_FRAMES = 9
@@ -33,7 +32,7 @@ def tiny_export_model(seed: int = 0, **overrides):
 def run_module(module: str, args: list[str], ranks: int = 1, timeout: int = 240):
     """`python -m module args`, or under torchrun with `ranks` CPU processes."""
     # CUDA hidden: CPU ranks on gloo even on a GPU machine (the GPU tests are in tests/gpu/).
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = repo_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if ranks == 1:
         command = [sys.executable, "-m", module, *args]
     else:

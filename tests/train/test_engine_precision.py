@@ -15,6 +15,8 @@ from trainrun import CONFIG, REPO, free_port
 from pipeline import engines
 from pipeline.config import load_config
 
+from helpers import repo_env
+
 # Two micro-batches whose weight gradients are 256 and 1; the engine scales each by 1/2, so the
 # accumulated gradient is 128 + 0.5: exact in fp32, 128 in bf16 (spacing 1 at 128).
 PROBE = """
@@ -68,17 +70,15 @@ def test_bf16_engine_configs_reduce_and_accumulate_in_fp32():
 
 
 def test_deepspeed_accumulates_bf16_gradients_in_fp32_with_these_configs():
-    env = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "PATH": "/usr/bin:/bin",
-    }
+    env = repo_env(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+    )
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(CONFIG)],
         cwd=REPO,
