@@ -27,6 +27,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # name: (tokenizer kwargs, batch, chunk sizes in units of the time compression f)
 CONFIGS = {
     "every-unconditioned-kind": (dict(layers=ALL_UNCONDITIONED, codebook_size=256), 2, (1, 3)),
