@@ -265,6 +265,18 @@ def _decode_window_pyav(
     raise TooShort(f"the stream ended after {count} of the window's {len(wanted)} frames")
 
 
+def frames_as_loaded(frames: list[av.VideoFrame]) -> torch.Tensor | Yuv420:
+    """Decoded frames as the PyAV loader hands them over (``planar=True``): their ``Yuv420``
+    planes when the stream is 8-bit 4:2:0 BT.601 limited range with even sides, else uint8 RGB
+    (T, H, W, C) from swscale. For readers that must give the training loader's pixels."""
+    if frames and all(_is_bt601_yuv420(frame) for frame in frames):
+        planes = _Planes(len(frames), frames[0].height, frames[0].width)
+        for i, frame in enumerate(frames):
+            planes.copy(i, frame)
+        return planes.frames()
+    return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24", threads=1) for f in frames]))
+
+
 def _is_bt601_yuv420(frame: av.VideoFrame) -> bool:
     # colorspace 2/5/6: unspecified, BT.470BG, SMPTE 170M; color_range 0/1: unspecified, MPEG.
     return (

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+import av
 import numpy as np
 import torch
 
@@ -24,7 +25,17 @@ from model.streaming import (
     chunk_bounds,
     inference_mode,
 )
-from pipeline.data_decode import to_float, to_uint8
+from pipeline.data_decode import (
+    Yuv420,
+    clip_size,
+    crop_to_square,
+    frames_as_loaded,
+    resize_short_side,
+    stack_clips,
+    to_pixels,
+    to_uint8,
+    yuv420_to_rgb_uint8,
+)
 from pipeline.distributed import device_for
 from pipeline.inference import (
     add_precision_argument,
@@ -73,6 +84,50 @@ def architecture_differences(config: TokenizerConfig, recorded: dict) -> list[st
     ]
 
 
+class LoaderFrames:
+    """A video file's frames in order, as the training loader decodes a clip's (4:2:0 planes
+    converted on the device by the trainer's BT.601 code, not swscale's RGB), so a clip encoded
+    from its file gets the codes the shard export gives it."""
+
+    def __init__(self, path: str) -> None:
+        self._container = av.open(path)
+        stream = self._container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        self._frames = self._container.decode(stream)
+        self._next = 0
+
+    def read(self, start: int, end: int) -> torch.Tensor | Yuv420:
+        """Frames [start, end) (start at or after the last read's end); EOFError if the stream
+        ends first."""
+        frames = []
+        while self._next < end:
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                raise EOFError from None
+            if self._next >= start:
+                frames.append(frame)
+            self._next += 1
+        return frames_as_loaded(frames)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> LoaderFrames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shaped(frames: torch.Tensor | Yuv420, size: int, crop: bool) -> torch.Tensor | Yuv420:
+    """The loader's center crop (short side resized to `size`), or the resized whole frame."""
+    if crop:
+        return crop_to_square(frames, size, "center", None)
+    rgb = yuv420_to_rgb_uint8(frames) if isinstance(frames, Yuv420) else frames
+    return resize_short_side(rgb, size)
+
+
 def encode_file(
     model: VideoTokenizer,
     source: str,
@@ -86,37 +141,43 @@ def encode_file(
     precision: str = "fp32",
 ) -> CodesMeta:
     """Encodes a video file into a codes file, `chunk_frames` frames at a time, in `precision`
-    ('fp32' or 'bf16', as pipeline.inference resolves it; recorded in the file)."""
+    ('fp32' or 'bf16', as pipeline.inference resolves it; recorded in the file). Frames are
+    decoded, resized and cropped as the loader and the shard export do (LoaderFrames)."""
     f = model.time_downsample_factor
     check_chunk_frames(chunk_frames, f)
     size = size or model.config.image_size
     device = next(model.parameters()).device
-    with open_video(source, size, size if crop else None) as reader:
-        total = reader.num_frames if reader.num_frames is not None else reader.count_frames()
-        num_frames = usable_frames(min(total, max_frames or total), f)
-        if num_frames < 1:
-            raise ValueError(f"{source}: no frames to encode")
-        height = size if crop else reader.height
-        width = size if crop else reader.width
-        s = model.config.space_downsample_factor
-        if height % s or width % s:
-            raise ValueError(
-                f"{source}: frames of {width}x{height} after resizing; the tokenizer needs sides "
-                f"divisible by {s}: keep the center crop or pass another --size"
-            )
-        codes: list[torch.Tensor] = []
-        with inference_mode(model), inference_precision(device, precision):
-            encoder = StreamingEncoder(model, num_frames)
-            for start, end in chunk_bounds(num_frames, chunk_frames):
-                try:
-                    frames = torch.from_numpy(reader.read(list(range(start, end))))
-                except EOFError:  # the container promised more frames than it holds
-                    logger.warning("%s ends after frame %d of %d", source, start, num_frames)
-                    num_frames = start
-                    break
-                video = to_float(frames.to(device)).permute(3, 0, 1, 2)[None]  # (1, C, n, H, W)
-                codes.append(model.quantizer(encoder.encode(video.contiguous())).codes[0].cpu())
-        fps = reader.fps
+    with open_video(source, size, None) as probe:  # frame count and rate (decord's index)
+        total = probe.num_frames if probe.num_frames is not None else probe.count_frames()
+        fps = probe.fps
+    num_frames = usable_frames(min(total, max_frames or total), f)
+    if num_frames < 1:
+        raise ValueError(f"{source}: no frames to encode")
+    codes: list[torch.Tensor] = []
+    with (
+        LoaderFrames(source) as reader,
+        inference_mode(model),
+        inference_precision(device, precision),
+    ):
+        encoder = StreamingEncoder(model, num_frames)
+        for start, end in chunk_bounds(num_frames, chunk_frames):
+            try:
+                frames = _shaped(reader.read(start, end), size, crop)
+            except EOFError:  # the container promised more frames than it holds
+                logger.warning("%s ends after frame %d of %d", source, start, num_frames)
+                num_frames = start
+                break
+            height, width = clip_size(frames)[1:]
+            s = model.config.space_downsample_factor
+            if height % s or width % s:
+                raise ValueError(
+                    f"{source}: frames of {width}x{height} after resizing; the tokenizer needs "
+                    f"sides divisible by {s}: keep the center crop or pass another --size"
+                )
+            video = to_pixels(stack_clips([frames]).to(device))  # (1, C, n, H, W)
+            codes.append(model.quantizer(encoder.encode(video.contiguous())).codes[0].cpu())
+    if not codes:
+        raise ValueError(f"{source}: no frames could be decoded")
     array = torch.cat(codes).numpy().astype(codes_dtype(model.codebook_size))
     meta = CodesMeta(
         tokenizer=model.config.to_dict(),

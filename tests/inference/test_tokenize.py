@@ -17,13 +17,12 @@ from export_helpers import NUM_FRAMES, SIZE, run_module, tiny_export_model
 from media import read_samples
 
 from data_prep.token_format import CodesMeta, TokenMeta, load_codes, save_codes
-from data_prep.video_io import open_video
 from pipeline import evaluate, token_files
 from pipeline.data_decode import (
     crop_to_square,
     decode_window,
+    frames_as_loaded,
     stack_clips,
-    to_float,
     to_pixels,
     to_uint8,
 )
@@ -170,10 +169,12 @@ def test_shards_without_the_expected_keys_are_a_clear_error(
 
 
 def _frames_of(path: Path, count: int) -> torch.Tensor:
-    """What encode-file feeds the model: resized, center-cropped frames (1, C, T, H, W)."""
-    with open_video(str(path), SIZE, SIZE) as reader:
-        frames = torch.from_numpy(reader.read(list(range(count))))
-    return to_float(frames).permute(3, 0, 1, 2)[None]
+    """What encode-file feeds the model: the file decoded as the loader decodes a clip (4:2:0
+    planes, BT.601 here, not swscale's RGB), the short side resized, the center square."""
+    with av.open(str(path)) as container:
+        frames = [f for _, f in zip(range(count), container.decode(video=0), strict=False)]
+    square = crop_to_square(frames_as_loaded(frames), SIZE, "center", None)
+    return to_pixels(stack_clips([square]))  # (1, C, T, H, W)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
@@ -207,6 +208,28 @@ def test_file_commands_round_trip(source_videos, export_dir, tmp_path, suffix, m
         stream = container.streams.video[0]
         assert (stream.width, stream.height, float(stream.average_rate)) == (SIZE, SIZE, 25.0)
         assert sum(1 for _ in container.decode(stream)) == 59
+
+
+def test_shard_export_and_encode_file_give_a_clip_the_same_codes(
+    clip_dataset, export_dir, tmp_path
+):
+    """The same clip through both export paths (the shard, and its mp4 as a file) in the same
+    precision: the same pixels (the loader's decode), so the same codes."""
+    output = tmp_path / "tokens"
+    assert (
+        main(parse_args([*_export_args(export_dir, clip_dataset, output), "--precision", "fp32"]))
+        == 0
+    )
+    tokens = read_token_shards(output)
+    for key, (meta, payload, _) in sorted(read_samples(str(clip_dataset)).items())[:3]:
+        clip, codes_file = tmp_path / f"{key}.mp4", tmp_path / f"{key}.npz"
+        clip.write_bytes(payload)
+        args = ["encode-file", str(clip), str(codes_file), "--checkpoint", str(export_dir)]
+        assert main(parse_args([*args, "--size", str(SIZE), "--precision", "fp32"])) == 0
+        from_file, file_meta = load_codes(codes_file)
+        from_shard = tokens[key][0]
+        assert file_meta.num_frames == NUM_FRAMES and file_meta.precision == "fp32"
+        assert np.array_equal(from_file, from_shard), key
 
 
 def test_bad_codes_files_and_chunk_sizes_are_clear_errors(
