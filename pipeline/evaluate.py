@@ -1,5 +1,5 @@
-"""Evaluation on held-out shards: PSNR, SSIM, LPIPS (when its weights are on disk), codebook usage
-and perplexity, per clip and in total; a few real | reconstruction videos.
+"""Evaluation on held-out shards: PSNR, SSIM, LPIPS, rFVD and rFID (each when its weights are on
+disk), codebook usage and perplexity, per clip and in total; a few real | reconstruction videos.
 
     torchrun --nproc_per_node 8 -m pipeline.evaluate --checkpoint runs/base/export \\
         --shards /data/heldout --out runs/base/eval
@@ -7,6 +7,11 @@ and perplexity, per clip and in total; a few real | reconstruction videos.
 Every rank reads its own shards once, in order (`ShardLoader` in eval mode); sums and code counts
 are reduced across ranks and rank 0 writes `clips.csv`, `summary.json` and `videos/*.mp4`. The
 trainer calls `evaluate(...)` at its evaluation interval and logs `EvalResult.scalars()`.
+
+rFVD compares I3D features of the real and reconstructed clips, rFID InceptionV3 features of their
+frames (pipeline.video_features gives the exact conventions): each rank sums the features' float64
+moments (count, sum, sum of outer products), the sums are all-reduced and every rank computes the
+Fréchet distance (pipeline.frechet) of the two sets.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from model import VideoTokenizer
 from pipeline.data import Batch, DataConfig, ShardLoader
 from pipeline.distributed import (
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     device_for,
     init_distributed,
     teardown,
 )
+from pipeline.frechet import FeatureMoments, frechet_from_moments
 from pipeline.inference import (
     add_checkpoint_and_shards,
     add_precision_argument,
@@ -49,6 +56,15 @@ from pipeline.quality import (
     psnr_per_clip,
     ssim_per_clip,
     to_unit_range,
+)
+from pipeline.video_features import (
+    I3D_FEATURES,
+    I3D_MIN_FRAMES,
+    INCEPTION_FEATURES,
+    i3d_features,
+    inception_features,
+    load_i3d,
+    load_inception,
 )
 from pipeline.world import World
 
@@ -88,6 +104,13 @@ class EvalResult:
     lpips_note: str = ""
     precision: str = ""
     """The arithmetic the model ran in ('fp32' or 'bf16')."""
+    fvd: float | None = None
+    """rFVD: Fréchet distance of I3D features, real vs reconstructed; None if unavailable."""
+    fvd_note: str = ""
+    """The I3D used and the number of clips (with any warning), or why rFVD is unavailable."""
+    fid: float | None = None
+    """rFID: Fréchet distance of InceptionV3 features of every frame; None when unavailable."""
+    fid_note: str = ""
 
     def scalars(self, prefix: str = "eval/") -> dict[str, float]:
         """For TensorBoard: writer.add_scalar(name, value, step) for each item."""
@@ -100,6 +123,10 @@ class EvalResult:
         }
         if self.lpips is not None:
             values["lpips"] = self.lpips
+        if self.fvd is not None:
+            values["rfvd"] = self.fvd
+        if self.fid is not None:
+            values["rfid"] = self.fid
         return {prefix + k: v for k, v in values.items()}
 
     def summary(self) -> dict:
@@ -138,6 +165,10 @@ def evaluate(
     lpips_model: torch.nn.Module | None = None,
     lpips_note: str = "",
     precision: str = "auto",
+    fvd_model: torch.nn.Module | None = None,
+    fvd_note: str = "",
+    fid_model: torch.nn.Module | None = None,
+    fid_note: str = "",
 ) -> EvalResult:
     """One pass over `loader` (an eval-mode ShardLoader: every clip once across ranks);
     collective, so every rank must call it. Restores the model's training mode.
@@ -150,6 +181,11 @@ def evaluate(
         lpips_note: what to report about LPIPS (`LpipsStatus.note`).
         precision: 'auto', 'fp32' or 'bf16' (pipeline.inference.PRECISIONS): the token
             export's policy, so evaluated reconstructions come from the exported codes.
+        fvd_model: the I3D from `pipeline.video_features.load_i3d`; None leaves rFVD out.
+        fvd_note: what to report about rFVD when `fvd_model` is None (`FeatureNet.note`).
+        fid_model: the InceptionV3 from `pipeline.video_features.load_inception`; None leaves
+            rFID out.
+        fid_note: what to report about rFID when `fid_model` is None.
     """
     precision = resolve_precision(precision, device)
     was_training = model.training
@@ -157,6 +193,8 @@ def evaluate(
     histogram = CodeHistogram(model.codebook_size, model.config.num_codebooks, device)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, clips
     rows: list[ClipScores] = []
+    fvd = _FeatureSets(fvd_model, i3d_features, I3D_FEATURES, I3D_MIN_FRAMES, device)
+    fid = _FeatureSets(fid_model, inception_features, INCEPTION_FEATURES, 1, device)
     try:
         with torch.no_grad():
             for index, batch in enumerate(loader):
@@ -171,6 +209,8 @@ def evaluate(
                 real, recon = to_unit_range(video), to_unit_range(output.recon)  # (b, c, t, h, w)
                 psnr, ssim = psnr_per_clip(real, recon), ssim_per_clip(real, recon)
                 lpips = lpips_per_clip(lpips_model, real, recon) if lpips_model else 0 * psnr
+                fvd.add(real, recon)
+                fid.add(real, recon)
                 count = psnr.new_tensor(float(len(psnr)))
                 totals += torch.stack((psnr.sum(), ssim.sum(), lpips.sum(), count)).double()
                 scores = zip(batch.keys, psnr.tolist(), ssim.tolist(), lpips.tolist(), strict=True)
@@ -188,6 +228,8 @@ def evaluate(
     skipped = torch.tensor([stats.get(name, 0) for name in _SKIP_REASONS], device=device)
     all_reduce_sum(skipped)
     clips = sorted((c for part in all_gather_objects(rows) for c in part), key=lambda c: c.key)
+    fvd_value, fvd_note = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
+    fid_value, fid_note = fid.distance(unbiased=True, note=fid_note, unit="frames")
     num_clips = int(totals[3])
     means = (totals[:3] / max(num_clips, 1)).tolist() if num_clips else [math.nan] * 3
     return EvalResult(
@@ -203,7 +245,67 @@ def evaluate(
         skipped={k: v for k, v in zip(_SKIP_REASONS, skipped.tolist(), strict=True) if v},
         lpips_note=lpips_note or ("computed" if lpips_model is not None else "not requested"),
         precision=precision,
+        fvd=fvd_value,
+        fvd_note=fvd_note,
+        fid=fid_value,
+        fid_note=fid_note,
     )
+
+
+class _FeatureSets:
+    """One rank's feature moments of real and reconstructed clips for one Fréchet metric
+    (moments rather than features: O(D²) memory however many clips or frames, and one
+    all-reduce across ranks whatever each rank's count)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        extract: Callable[[torch.nn.Module, Tensor], Tensor],
+        width: int,
+        min_frames: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.extract, self.min_frames = model, extract, min_frames
+        self.real = FeatureMoments(width, device)
+        self.recon = FeatureMoments(width, device)
+        self.shortest = 0  # frames of the shortest clip seen below min_frames, 0 if none
+
+    def add(self, real: Tensor, recon: Tensor) -> None:
+        """(B, C, T, H, W) clips in [0, 1]."""
+        if self.model is None:
+            return
+        frames = real.shape[2]
+        if frames < self.min_frames:
+            self.shortest = frames if not self.shortest else min(self.shortest, frames)
+            return
+        self.real.add(self.extract(self.model, real))
+        self.recon.add(self.extract(self.model, recon))
+
+    def distance(self, *, unbiased: bool, note: str, unit: str) -> tuple[float | None, str]:
+        """Collective when a model is set (every rank has one or none): the distance over every
+        rank's features and the note for the summary."""
+        if self.model is None:
+            return None, note or "not requested"
+        short = self.real.packed.new_tensor([self.shortest])
+        all_reduce_max(short)  # any too-short clip on any rank disables the metric everywhere
+        if int(short):
+            return None, (
+                f"unavailable: clips of {int(short)} frame(s); the I3D needs at least "
+                f"{self.min_frames} (pass --num-frames 17)"
+            )
+        all_reduce_sum(self.real.packed)
+        all_reduce_sum(self.recon.packed)
+        if self.real.count < 2:
+            return None, f"unavailable: {self.real.count} {unit} evaluated, at least 2 are needed"
+        result = frechet_from_moments(self.real, self.recon, unbiased=unbiased)
+        if result.warning:
+            logger.warning("Fréchet distance on %d %s: %s", result.num_real, unit, result.warning)
+        parts = [
+            note,
+            f"on {result.num_real} {unit}",
+            result.warning and f"warning: {result.warning}",
+        ]
+        return result.value, "; ".join(p for p in parts if p)
 
 
 _SKIP_REASONS = (
@@ -255,6 +357,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="AlexNet ImageNet weights (default: the torch hub cache)",
     )
+    parser.add_argument("--fvd", choices=("auto", "off"), default="auto", help="rFVD (I3D)")
+    parser.add_argument(
+        "--i3d-weights",
+        default=None,
+        help="StyleGAN-V's TorchScript i3d_torchscript.pt (default: the torch hub cache, "
+        "$TORCH_HOME/hub/checkpoints/i3d_torchscript.pt)",
+    )
+    parser.add_argument("--fid", choices=("auto", "off"), default="auto", help="rFID per frame")
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch "
+        "hub cache, $TORCH_HOME/hub/checkpoints/)",
+    )
     add_precision_argument(parser)
     parser.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)  # = fp32
     # The deepspeed launcher passes --local_rank; the rank comes from the environment (World).
@@ -294,6 +410,8 @@ def _run(args: argparse.Namespace, world: World) -> int:
     )
     loader = ShardLoader(config, world)
     lpips = load_lpips(device, args.lpips_weights) if args.lpips == "auto" else None
+    i3d = load_i3d(device, args.i3d_weights) if args.fvd == "auto" else None
+    inception = load_inception(device, args.inception_weights) if args.fid == "auto" else None
     writer = None
     if world.rank == 0 and args.num_videos > 0:
         writer = SideBySideWriter(args.out / "videos", args.num_videos)
@@ -307,6 +425,10 @@ def _run(args: argparse.Namespace, world: World) -> int:
         lpips_model=lpips.model if lpips else None,
         lpips_note=lpips.note if lpips else "off (--lpips off)",
         precision="fp32" if args.no_autocast else args.precision,
+        fvd_model=i3d.model if i3d else None,
+        fvd_note=i3d.note if i3d else "off (--fvd off)",
+        fid_model=inception.model if inception else None,
+        fid_note=inception.note if inception else "off (--fid off)",
     )
     if result.num_clips == 0:
         raise ValueError(
@@ -329,7 +451,10 @@ def _run(args: argparse.Namespace, world: World) -> int:
         scalars = ", ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.scalars().items()
         )
-        print(f"{scalars}; LPIPS: {result.lpips_note}; wrote {args.out}")
+        print(
+            f"{scalars}; LPIPS: {result.lpips_note}; rFVD: {result.fvd_note}; "
+            f"rFID: {result.fid_note}; wrote {args.out}"
+        )
     return 0
 
 

@@ -221,7 +221,7 @@ def test_shard_export_and_encode_file_give_a_clip_the_same_codes(
         == 0
     )
     tokens = read_token_shards(output)
-    for key, (meta, payload, _) in sorted(read_samples(str(clip_dataset)).items())[:3]:
+    for key, (_, payload, _) in sorted(read_samples(str(clip_dataset)).items())[:3]:
         clip, codes_file = tmp_path / f"{key}.mp4", tmp_path / f"{key}.npz"
         clip.write_bytes(payload)
         args = ["encode-file", str(clip), str(codes_file), "--checkpoint", str(export_dir)]
