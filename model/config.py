@@ -38,6 +38,7 @@ _LAYER_ARGUMENTS = {
 }
 
 PAD_MODES = ("constant", "replicate")
+ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
 LFQ_ACTIVATIONS = ("identity", "tanh", "silu", "elu", "gelu")
 
 
@@ -193,6 +194,16 @@ class TokenizerConfig:
     adversarial_loss_weight: float = 1.0
     grad_penalty_loss_weight: float = 10.0
     multiscale_adversarial_loss_weight: float = 1.0
+    generator_adversarial_loss: str = "hinge"
+    """The generator's adversarial loss: 'hinge' (-mean D(fake), the reference) or
+    'non_saturating' (mean softplus(-D(fake)))."""
+    discriminator_adversarial_loss: str = "hinge"
+    """The discriminator's loss: 'hinge' (mean relu(1 + D(fake)) + relu(1 - D(real)), the
+    reference) or 'non_saturating' (mean softplus(D(fake)) + softplus(-D(real)))."""
+    adaptive_adversarial_weight: bool = True
+    """True (the reference): the adversarial terms are scaled by the adaptive weight (perceptual
+    vs adversarial gradient norm at the last decoder conv) when the perceptual loss is on. False:
+    by their loss weights alone (the adaptive weight is 1, no last-layer gradients are taken)."""
     flash_attn: bool = True
     """Accepted for compatibility: attention always runs on scaled_dot_product_attention."""
     separate_first_frame_encoding: bool = False
@@ -246,6 +257,16 @@ class TokenizerConfig:
         if self.lfq_activation not in LFQ_ACTIVATIONS:
             raise ValueError(
                 f"lfq_activation must be one of {LFQ_ACTIVATIONS}, got {self.lfq_activation!r}"
+            )
+        for name in ("generator_adversarial_loss", "discriminator_adversarial_loss"):
+            if getattr(self, name) not in ADVERSARIAL_LOSSES:
+                raise ValueError(
+                    f"{name} must be one of {ADVERSARIAL_LOSSES}, got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.adaptive_adversarial_weight, bool):
+            raise ValueError(
+                "adaptive_adversarial_weight must be a bool, got "
+                f"{self.adaptive_adversarial_weight!r}"
             )
         if not 0.0 <= self.attn_dropout < 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")

@@ -1,5 +1,5 @@
-"""GAN and perceptual losses: hinge losses, gradient penalty, adaptive adversarial weight, and
-the VGG16 perceptual loss.
+"""GAN and perceptual losses: hinge and non-saturating losses, gradient penalty, LeCAM
+regularisation, adaptive adversarial weight, and the VGG16 perceptual loss.
 
 The VGG16 is frozen, always in eval mode (no dropout in the loss), and held outside the module
 tree: it is never in a state dict, never handed to an optimizer, never cast or partitioned by a
@@ -26,6 +26,34 @@ def hinge_discr_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
 
 def hinge_gen_loss(fake_logits: Tensor) -> Tensor:
     return -fake_logits.mean()
+
+
+def non_saturating_discr_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
+    """-log sigmoid(D(real)) - log(1 - sigmoid(D(fake))), i.e. softplus(-real) + softplus(fake)."""
+    return (F.softplus(-real_logits) + F.softplus(fake_logits)).mean()
+
+
+def non_saturating_gen_loss(fake_logits: Tensor) -> Tensor:
+    """-log sigmoid(D(fake)) = softplus(-D(fake)) (Goodfellow et al. 2014): its gradient does
+    not vanish when the discriminator confidently rejects the fakes."""
+    return F.softplus(-fake_logits).mean()
+
+
+GEN_LOSSES = {"hinge": hinge_gen_loss, "non_saturating": non_saturating_gen_loss}
+DISCR_LOSSES = {"hinge": hinge_discr_loss, "non_saturating": non_saturating_discr_loss}
+
+
+def lecam_regularizer(
+    real_logits: Tensor, fake_logits: Tensor, ema_real: Tensor, ema_fake: Tensor
+) -> Tensor:
+    """LeCAM (Tseng et al. 2021): mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real -
+    D(fake))^2), with `ema_real` / `ema_fake` the moving averages of the discriminator's mean
+    logits (the form of the authors' code; the paper writes the squares without the relu).
+    Anchoring the logits to each other's averages keeps the discriminator from separating real
+    and fake without bound when data are scarce."""
+    return (
+        F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
+    )
 
 
 def gradient_penalty(inputs: Tensor, logits: Tensor) -> Tensor:

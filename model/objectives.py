@@ -1,5 +1,6 @@
 """The tokenizer's training objectives: the generator loss (reconstruction, quantizer,
-perceptual, adaptive adversarial) and the discriminator loss (hinge and gradient penalty).
+perceptual, adaptive adversarial) and the discriminator loss (hinge or non-saturating, gradient
+penalty, optional LeCAM regularisation).
 
 They take the output of one tokenizer pass, so a training step runs the tokenizer once and
 feeds the same (detached) reconstruction to the discriminator update.
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.losses import (
+    DISCR_LOSSES,
+    GEN_LOSSES,
     adaptive_adversarial_weight,
     gradient_penalty,
-    hinge_discr_loss,
-    hinge_gen_loss,
+    lecam_regularizer,
 )
 
 if TYPE_CHECKING:
@@ -82,8 +84,8 @@ def generator_loss(
     """Total generator loss for `video` (B, C, T, H, W) and its tokenizer `output`.
 
     The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
-    norm at the last decoder conv) when the perceptual loss is on and the model is training;
-    otherwise the weight is 1, as in magvit2-pytorch.
+    norm at the last decoder conv) when the perceptual loss is on, the model is training and
+    `config.adaptive_adversarial_weight` is set; otherwise the weight is 1, as in magvit2-pytorch.
 
     The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
     backpropagated to the reconstruction once, here, and their graphs freed; the returned total
@@ -99,6 +101,7 @@ def generator_loss(
     recon = output.recon
     differentiable = recon.requires_grad and torch.is_grad_enabled()
     zero = video.new_zeros((), dtype=torch.float32)
+    gen_loss = GEN_LOSSES[config.generator_adversarial_loss]
 
     def value_and_grad(loss: Tensor) -> tuple[Tensor, Tensor | None]:
         if not differentiable:
@@ -119,15 +122,16 @@ def generator_loss(
     with frozen(model.discriminators()):
         if use_gan:
             fake = take_frames(recon, random_frame_index(recon))
-            adversarial.append(value_and_grad(hinge_gen_loss(model.discr(fake).float())))
+            adversarial.append(value_and_grad(gen_loss(model.discr(fake).float())))
             scales.append(adversarial_scale)
         if config.use_gan and multiscale_scale > 0:
             for discr in model.multiscale_discrs:
-                adversarial.append(value_and_grad(hinge_gen_loss(discr(recon).float())))
+                adversarial.append(value_and_grad(gen_loss(discr(recon).float())))
                 scales.append(multiscale_scale)
 
     weights = [torch.ones_like(zero) for _ in adversarial]
-    if model.training and d_perceptual is not None and adversarial:
+    adaptive = config.adaptive_adversarial_weight and model.training
+    if adaptive and d_perceptual is not None and adversarial:
         perceptual_norm = _last_layer_grad_norm(model, recon, d_perceptual)
         weights = [
             adaptive_adversarial_weight(perceptual_norm, _last_layer_grad_norm(model, recon, g))
@@ -181,13 +185,19 @@ def discriminator_loss(
     *,
     apply_gradient_penalty: bool = True,
     gradient_penalty_scale: float = 1.0,
+    lecam_weight: float = 0.0,
+    lecam_anchors: Tensor | None = None,
     logits_out: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, DiscrLossBreakdown]:
-    """Hinge loss of the discriminator(s) on real frames vs the detached reconstruction, plus
-    the gradient penalty on both (magvit2-pytorch penalises real and fake inputs).
+    """Hinge (or non-saturating) loss of the discriminator(s) on real frames vs the detached
+    reconstruction, plus the gradient penalty on both (magvit2-pytorch penalises real and fake
+    inputs).
 
     `gradient_penalty_scale` multiplies the penalty (lazy regularisation applies it every N
-    steps, scaled by N). `logits_out`, if given, receives the mean real and fake logits.
+    steps, scaled by N). With `lecam_weight` > 0, `lecam_anchors` = (EMA of the real logits,
+    EMA of the fake logits) and the image discriminator's LeCAM term times `lecam_weight` is
+    added. `logits_out`, if given, receives the mean real and fake logits (and 'lecam', the
+    unweighted LeCAM term, when it is on).
     """
     if model.discr is None:
         raise ValueError("this tokenizer has no discriminator (use_gan=False)")
@@ -198,14 +208,22 @@ def discriminator_loss(
     if apply_gradient_penalty:
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
     real_logits, fake_logits = model.discr(real), model.discr(fake)
-    discr_loss = hinge_discr_loss(fake_logits.float(), real_logits.float())
+    loss_fn = DISCR_LOSSES[config.discriminator_adversarial_loss]
+    discr_loss = loss_fn(fake_logits.float(), real_logits.float())
+    lecam = None
+    if lecam_weight > 0:
+        if lecam_anchors is None:
+            raise ValueError("lecam_weight > 0 needs lecam_anchors (EMA real, EMA fake logits)")
+        ema_real, ema_fake = lecam_anchors.float().detach()
+        lecam = lecam_regularizer(real_logits.float(), fake_logits.float(), ema_real, ema_fake)
     if logits_out is not None:
         logits_out["real"] = real_logits.detach().float().mean()
         logits_out["fake"] = fake_logits.detach().float().mean()
+        if lecam is not None:
+            logits_out["lecam"] = lecam.detach()
 
     multiscale_losses = [
-        hinge_discr_loss(discr(recon).float(), discr(video).float())
-        for discr in model.multiscale_discrs
+        loss_fn(discr(recon).float(), discr(video).float()) for discr in model.multiscale_discrs
     ] or [video.new_zeros((), dtype=torch.float32)]
 
     penalty = video.new_zeros((), dtype=torch.float32)
@@ -216,4 +234,6 @@ def discriminator_loss(
         + penalty * (config.grad_penalty_loss_weight * gradient_penalty_scale)
         + sum(multiscale_losses) * config.multiscale_adversarial_loss_weight
     )
+    if lecam is not None:
+        total = total + lecam * lecam_weight
     return total, DiscrLossBreakdown(discr_loss, multiscale_losses, penalty)

@@ -433,6 +433,8 @@ class VideoTokenizer(nn.Module):
         *,
         apply_gradient_penalty: bool = True,
         gradient_penalty_scale: float = 1.0,
+        lecam_weight: float = 0.0,
+        lecam_anchors: Tensor | None = None,
         logits_out: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, objectives.DiscrLossBreakdown]:
         return objectives.discriminator_loss(
@@ -441,6 +443,8 @@ class VideoTokenizer(nn.Module):
             recon,
             apply_gradient_penalty=apply_gradient_penalty,
             gradient_penalty_scale=gradient_penalty_scale,
+            lecam_weight=lecam_weight,
+            lecam_anchors=lecam_anchors,
             logits_out=logits_out,
         )
 

@@ -25,6 +25,7 @@ from pipeline.data import DataConfig
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 LR_DECAYS = ("cosine", "linear", "constant")
+ANNEAL_SHAPES = ("linear", "cosine")
 # DataConfig fields the trainer fills in itself (they must agree with the model and batch).
 DERIVED_DATA_FIELDS = ("micro_batch_size", "time_compression")
 
@@ -63,7 +64,8 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossScheduleConfig:
-    """When and how strongly the adversarial game runs."""
+    """When and how strongly the adversarial game runs, and how the quantizer's loss weights
+    change over the run."""
 
     discriminator_start_step: int = 0
     """The discriminator trains, and the generator sees its loss, from this step on."""
@@ -71,6 +73,22 @@ class LossScheduleConfig:
     """Then the adversarial weight ramps linearly from 0 to the model's weight."""
     gradient_penalty_every: int = 1
     """Lazy regularisation (StyleGAN2): the penalty every N discriminator steps, scaled by N."""
+    lecam_weight: float = 0.0
+    """LeCAM regularisation of the discriminator (Tseng et al. 2021), weight of
+    mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2) in its loss; 0: off."""
+    lecam_ema_decay: float = 0.999
+    """Decay of the EMAs of the mean real and fake logits (averaged over ranks, updated after
+    every discriminator micro-batch, saved in checkpoints): 0 before the first update, which
+    sets them; each step's term uses the anchors of the steps before it."""
+    entropy_weight_start_factor: float = 1.0
+    """The LFQ entropy loss weight starts at this multiple of model.lfq_entropy_loss_weight and
+    anneals to 1x over `quantizer_anneal_steps` (VidTok: 3.0); 1: constant."""
+    commitment_weight_start_factor: float = 1.0
+    """The same for model.lfq_commitment_loss_weight."""
+    quantizer_anneal_steps: int = 0
+    """Optimizer steps over which the start factors anneal to 1 (from step 0)."""
+    quantizer_anneal_shape: str = "linear"
+    """'linear' or 'cosine' (half a cosine from the start factor to 1)."""
 
     def __post_init__(self) -> None:
         if self.discriminator_start_step < 0 or self.adversarial_warmup_steps < 0:
@@ -79,6 +97,32 @@ class LossScheduleConfig:
             raise ValueError(
                 f"gradient_penalty_every must be >= 1, got {self.gradient_penalty_every}"
             )
+        if not (math.isfinite(self.lecam_weight) and self.lecam_weight >= 0):
+            raise ValueError(f"lecam_weight must be >= 0 (0: off), got {self.lecam_weight}")
+        if not 0 <= self.lecam_ema_decay < 1:
+            raise ValueError(f"lecam_ema_decay must be in [0, 1), got {self.lecam_ema_decay}")
+        for name in ("entropy_weight_start_factor", "commitment_weight_start_factor"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if self.quantizer_anneal_steps < 0:
+            raise ValueError(
+                f"quantizer_anneal_steps must be >= 0, got {self.quantizer_anneal_steps}"
+            )
+        if self.quantizer_anneal_shape not in ANNEAL_SHAPES:
+            raise ValueError(
+                f"quantizer_anneal_shape must be one of {ANNEAL_SHAPES}, got "
+                f"{self.quantizer_anneal_shape!r}"
+            )
+        if self.quantizer_annealed and self.quantizer_anneal_steps == 0:
+            raise ValueError(
+                "entropy_weight_start_factor / commitment_weight_start_factor != 1 need "
+                "quantizer_anneal_steps > 0 (the steps over which they anneal to 1)"
+            )
+
+    @property
+    def quantizer_annealed(self) -> bool:
+        return self.entropy_weight_start_factor != 1 or self.commitment_weight_start_factor != 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +248,13 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.losses.lecam_weight > 0 and not self.model.use_gan:
+            raise ValueError("losses.lecam_weight > 0 needs the GAN (model.use_gan: true)")
+        if self.losses.quantizer_annealed and self.model.use_fsq:
+            raise ValueError(
+                "losses.entropy_weight_start_factor / commitment_weight_start_factor anneal LFQ's "
+                "loss weights; FSQ (model.use_fsq) has none"
+            )
         f = self.model.time_downsample_factor
         if (self.data.num_frames - 1) % f:
             raise ValueError(

@@ -43,8 +43,9 @@ class GeneratorObjective(nn.Module):
 
 
 class DiscriminatorObjective(nn.Module):
-    """forward(video, recon, apply_gradient_penalty, gradient_penalty_scale) -> (loss,
-    DiscrLossBreakdown, {'real', 'fake'} mean logits)."""
+    """forward(video, recon, apply_gradient_penalty, gradient_penalty_scale, lecam_weight,
+    lecam_anchors) -> (loss, DiscrLossBreakdown, {'real', 'fake'} mean logits and 'lecam' when
+    lecam_weight > 0)."""
 
     def __init__(self, critics: nn.Module, loss_fn: Callable[..., tuple[Tensor, Any]]) -> None:
         super().__init__()
@@ -57,6 +58,8 @@ class DiscriminatorObjective(nn.Module):
         recon: Tensor,
         apply_gradient_penalty: bool,
         gradient_penalty_scale: float,
+        lecam_weight: float = 0.0,
+        lecam_anchors: Tensor | None = None,
     ) -> tuple:
         logits: dict[str, Tensor] = {}
         loss, breakdown = self.loss_fn(
@@ -64,6 +67,8 @@ class DiscriminatorObjective(nn.Module):
             recon,
             apply_gradient_penalty=apply_gradient_penalty,
             gradient_penalty_scale=gradient_penalty_scale,
+            lecam_weight=lecam_weight,
+            lecam_anchors=lecam_anchors,
             logits_out=logits,
         )
         return loss, _detached(breakdown), logits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pipeline.config import LossScheduleConfig
 
 
@@ -27,3 +29,25 @@ def gradient_penalty_now(step: int, schedule: LossScheduleConfig) -> tuple[bool,
         (step - schedule.discriminator_start_step) % every == 0
     )
     return apply, float(every)
+
+
+def anneal_factor(step: int, start_factor: float, schedule: LossScheduleConfig) -> float:
+    """A loss-weight multiplier: `start_factor` at step 0, then linearly (or along half a
+    cosine) to 1 at `quantizer_anneal_steps`, and 1 after."""
+    steps = schedule.quantizer_anneal_steps
+    if steps == 0 or step >= steps:
+        return 1.0
+    progress = step / steps
+    if schedule.quantizer_anneal_shape == "cosine":
+        progress = 0.5 * (1 - math.cos(math.pi * progress))
+    return start_factor + (1.0 - start_factor) * progress
+
+
+def quantizer_weights(
+    step: int, schedule: LossScheduleConfig, entropy_weight: float, commitment_weight: float
+) -> tuple[float, float]:
+    """(LFQ entropy weight, commitment weight) at `step`, from the model's base weights."""
+    return (
+        entropy_weight * anneal_factor(step, schedule.entropy_weight_start_factor, schedule),
+        commitment_weight * anneal_factor(step, schedule.commitment_weight_start_factor, schedule),
+    )

@@ -96,6 +96,9 @@ class Trainer:
         self.faults = Faults(config.faults, world.rank, self.output_dir)
         self.step = 0
         self.counters = {"nonfinite_losses": 0}
+        # LeCAM's anchors: EMAs of the rank-averaged mean (real, fake) logits, and their updates.
+        self.lecam_ema = torch.zeros(2, device=device)
+        self.lecam_updates = 0
         self.fixed_batch: torch.Tensor | None = None
 
     # The schedule of the run.
@@ -164,6 +167,7 @@ class Trainer:
             schedules.discriminator_active(self.step, schedule)
         )
         apply_gp, gp_scale = schedules.gradient_penalty_now(self.step, schedule)
+        quantizer_weights = self._set_quantizer_weights()
         skipped_before = [
             ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e is not None
         ]
@@ -181,7 +185,9 @@ class Trainer:
             self.codebook.add(codes)
             _add_generator_terms(sums, loss.detach(), parts)
             if train_discriminator:
-                d_loss, d_parts, logits = engines.discriminator(video, recon, apply_gp, gp_scale)
+                d_loss, d_parts, logits = engines.discriminator(
+                    video, recon, apply_gp, gp_scale, schedule.lecam_weight, self.lecam_ema.clone()
+                )
                 engines.discriminator.backward(d_loss)
                 engines.discriminator.step()
                 sums["loss/discriminator_total"] += d_loss.detach().float()
@@ -190,6 +196,11 @@ class Trainer:
                     sums["loss/gradient_penalty"] += d_parts.gradient_penalty.float()
                 sums["discriminator/logits_real"] += logits["real"]
                 sums["discriminator/logits_fake"] += logits["fake"]
+                if schedule.lecam_weight > 0:
+                    sums["loss/lecam"] += logits["lecam"]
+                    self._update_lecam_ema(logits["real"], logits["fake"])
+                    sums["discriminator/ema_logits_real"] += self.lecam_ema[0]
+                    sums["discriminator/ema_logits_fake"] += self.lecam_ema[1]
         keys = sorted(sums)
         values = torch.stack([sums[k].float() for k in keys]).tolist()
         metrics = {k: v / len(micro_batches) for k, v in zip(keys, values, strict=True)}
@@ -199,7 +210,38 @@ class Trainer:
         ]
         metrics["health/skipped_updates"] = float(sum(skipped_after) - sum(skipped_before))
         metrics["loss/adversarial_weight"] = adversarial
+        if quantizer_weights is not None:
+            metrics["loss/entropy_weight"], metrics["loss/commitment_weight"] = quantizer_weights
         return metrics
+
+    def _set_quantizer_weights(self) -> tuple[float, float] | None:
+        """LFQ's entropy and commitment weights of this step (annealed from the model's config
+        values), set on the training tokenizer's quantizer. Copies built from the config (EMA
+        evaluation, exports) keep the config values."""
+        quantizer = self.tokenizer.quantizer
+        if not hasattr(quantizer, "entropy_loss_weight"):
+            return None  # FSQ: no loss weights
+        model = self.config.model
+        weights = schedules.quantizer_weights(
+            self.step,
+            self.config.losses,
+            model.lfq_entropy_loss_weight,
+            model.lfq_commitment_loss_weight,
+        )
+        quantizer.entropy_loss_weight, quantizer.commitment_loss_weight = weights
+        return weights
+
+    def _update_lecam_ema(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        """One EMA step with this micro-batch's mean logits, averaged over ranks (so every rank
+        holds the same anchors); the first update sets the EMAs. Non-finite logits on any rank
+        (a step DeepSpeed skips) leave them unchanged, on every rank."""
+        means = torch.stack((real, fake)).float()
+        all_reduce_mean(means)
+        means = means.to(self.lecam_ema.device)
+        decay = self.config.losses.lecam_ema_decay if self.lecam_updates else 0.0
+        mixed = self.lecam_ema * decay + means * (1 - decay)
+        self.lecam_ema.copy_(torch.where(torch.isfinite(means).all(), mixed, self.lecam_ema))
+        self.lecam_updates += 1
 
     # Observability.
 
@@ -308,7 +350,14 @@ class Trainer:
             self.engines,
             self.ema.state_dict() if self.ema else None,
             self.loader.state_dict(),
-            {"counters": self.counters},
+            {
+                "counters": self.counters,
+                "lecam_ema": {
+                    "real_logits": float(self.lecam_ema[0]),
+                    "fake_logits": float(self.lecam_ema[1]),
+                    "updates": self.lecam_updates,
+                },
+            },
             fault_hook=self.faults.during_save(self.step),
         )
         self.tensorboard.flush()
@@ -320,6 +369,11 @@ class Trainer:
         restored = self.checkpointer.restore(checkpoint, self.engines)
         self.step = int(restored["trainer"]["step"])
         self.counters.update(restored["trainer"].get("counters", {}))
+        lecam = restored["trainer"].get("lecam_ema")
+        if lecam is not None:
+            values = (lecam["real_logits"], lecam["fake_logits"])
+            self.lecam_ema.copy_(torch.tensor(values, dtype=torch.float32))
+            self.lecam_updates = int(lecam["updates"])
         if self.ema is not None and restored["ema"] is not None:
             self.ema.load_state_dict(restored["ema"])
         if restored["loader"] is not None:
