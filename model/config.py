@@ -39,6 +39,7 @@ _LAYER_ARGUMENTS = {
 
 PAD_MODES = ("constant", "replicate")
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
+DISCRIMINATOR_KINDS = ("2d", "3d")
 LFQ_ACTIVATIONS = ("identity", "tanh", "silu", "elu", "gelu")
 
 
@@ -200,6 +201,11 @@ class TokenizerConfig:
     discriminator_adversarial_loss: str = "hinge"
     """The discriminator's loss: 'hinge' (mean relu(1 + D(fake)) + relu(1 - D(real)), the
     reference) or 'non_saturating' (mean softplus(D(fake)) + softplus(-D(real)))."""
+    discriminator_kind: str = "2d"
+    """'2d' (the reference): the image discriminator on one random frame of each clip. '3d': a
+    spatio-temporal discriminator on the whole clip (model/discriminator3d.py: 3-D residual
+    blocks, blurpool downsampling in space and time, MAGVIT-style), which can judge motion; it
+    takes `discriminator`'s dim, max_dim, image size and antialiasing."""
     adaptive_adversarial_weight: bool = True
     """True (the reference): the adversarial terms are scaled by the adaptive weight (perceptual
     vs adversarial gradient norm at the last decoder conv) when the perceptual loss is on. False:
@@ -263,6 +269,11 @@ class TokenizerConfig:
                 raise ValueError(
                     f"{name} must be one of {ADVERSARIAL_LOSSES}, got {getattr(self, name)!r}"
                 )
+        if self.discriminator_kind not in DISCRIMINATOR_KINDS:
+            raise ValueError(
+                f"discriminator_kind must be one of {DISCRIMINATOR_KINDS}, "
+                f"got {self.discriminator_kind!r}"
+            )
         if not isinstance(self.adaptive_adversarial_weight, bool):
             raise ValueError(
                 "adaptive_adversarial_weight must be a bool, got "

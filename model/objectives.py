@@ -73,6 +73,14 @@ def take_frames(video: Tensor, index: Tensor) -> Tensor:
     return video[torch.arange(video.shape[0], device=video.device), :, index]
 
 
+def critic_view(model: VideoTokenizer, video: Tensor, index: Tensor) -> Tensor:
+    """What the discriminator sees of a (B, C, T, H, W) clip: frame index[b] of each (the 2-D
+    image discriminator) or the whole clip (the 3-D one)."""
+    if model.config.discriminator_kind == "3d":
+        return video
+    return take_frames(video, index)
+
+
 def generator_loss(
     model: VideoTokenizer,
     video: Tensor,
@@ -121,7 +129,7 @@ def generator_loss(
     scales: list[float] = []
     with frozen(model.discriminators()):
         if use_gan:
-            fake = take_frames(recon, random_frame_index(recon))
+            fake = critic_view(model, recon, random_frame_index(recon))
             adversarial.append(value_and_grad(gen_loss(model.discr(fake).float())))
             scales.append(adversarial_scale)
         if config.use_gan and multiscale_scale > 0:
@@ -204,7 +212,7 @@ def discriminator_loss(
     config = model.config
     recon = recon.detach()
     index = random_frame_index(video)
-    real, fake = take_frames(video, index), take_frames(recon, index)
+    real, fake = critic_view(model, video, index), critic_view(model, recon, index)
     if apply_gradient_penalty:
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
     real_logits, fake_logits = model.discr(real), model.discr(fake)

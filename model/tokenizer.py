@@ -13,6 +13,7 @@ keep the magvit2-pytorch contract on top of them (see model/reference_api.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from model import objectives
 from model.config import LayerSpec, TokenizerConfig
 from model.conv import CausalConv3d, FrameConv2d, pad_time_past
 from model.discriminator import Discriminator, Discriminators
+from model.discriminator3d import Discriminator3D, Discriminator3DConfig
 from model.layers import build_layer_pair
 from model.losses import PerceptualLoss
 from model.norm import ChannelLayerNorm
@@ -164,7 +166,7 @@ class VideoTokenizer(nn.Module):
         self.perceptual: PerceptualLoss | None = None
         if config.channels in (1, 3, 4) and config.perceptual_loss_weight > 0:
             self.perceptual = PerceptualLoss(weights=config.vgg_weights, network=vgg)
-        self.discr = Discriminator(config.resolved_discriminator()) if config.use_gan else None
+        self.discr = _build_discriminator(config) if config.use_gan else None
         self.multiscale_discrs = nn.ModuleList(multiscale_discrs)
 
     # Shape facts.
@@ -477,3 +479,22 @@ class VideoTokenizer(nn.Module):
             adversarial_loss_weight=adversarial_loss_weight,
             multiscale_adversarial_loss_weight=multiscale_adversarial_loss_weight,
         )
+
+
+def _build_discriminator(config: TokenizerConfig) -> nn.Module:
+    """The reference's image discriminator, or the spatio-temporal one (`discriminator_kind`)."""
+    d = config.resolved_discriminator()
+    if config.discriminator_kind == "2d":
+        return Discriminator(d)
+    time_halvings = int(math.log2(config.time_downsample_factor))
+    return Discriminator3D(
+        Discriminator3DConfig(
+            image_size=d.image_size,
+            channels=d.channels,
+            dim=d.dim,
+            max_dim=d.max_dim,
+            num_space_downsamples=d.num_downsamples,
+            num_time_downsamples=min(time_halvings, d.num_downsamples),
+            antialiased_downsample=d.antialiased_downsample,
+        )
+    )

@@ -64,3 +64,28 @@ def test_bad_inputs_and_configs_are_clear_errors():
         Discriminator3DConfig(image_size=24, num_space_downsamples=4)
     with pytest.raises(ValueError, match="num_time_downsamples"):
         Discriminator3DConfig(image_size=16, num_space_downsamples=1, num_time_downsamples=2)
+
+
+def test_the_tokenizer_trains_against_it_on_whole_clips():
+    from dataclasses import replace
+
+    from model import VideoTokenizer
+
+    from helpers import tiny_tokenizer, video
+
+    config = replace(tiny_tokenizer(use_gan=True).config, discriminator_kind="3d")
+    model = VideoTokenizer.from_config(config).train()
+    assert isinstance(model.discr, Discriminator3D)
+    seen = []
+    model.discr.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    x = video(batch=2, frames=9, size=16)
+    output = model.reconstruct(x)
+    loss, parts = model.generator_loss(x, output, adversarial_loss_weight=1.0)
+    loss.backward()
+    d_loss, d_parts = model.discriminator_loss(x, output.recon.detach())
+    d_loss.backward()
+    assert seen and all(shape == x.shape for shape in seen)  # whole clips, not frames
+    assert torch.isfinite(loss) and torch.isfinite(d_loss) and d_parts.gradient_penalty > 0
+    assert all(p.grad is not None for p in model.discr.parameters() if p.ndim > 1)
+    with pytest.raises(ValueError, match="discriminator_kind must be one of"):
+        replace(config, discriminator_kind="4d")
