@@ -50,6 +50,7 @@ cat <<MSG
   export:           $run/export   (model.pretrained.load_pretrained("$run/export"))
   evaluation:       $evaluation   ($scores on the held-out clips;
                     summary.json, clips.csv, videos/: real | reconstruction)
+  contact sheet:    $evaluation/contact_sheet.png   (real | reconstruction, first/middle/last frame)
   tokens:           $out/tokens   (manifest.json; python -m pipeline.tokenize --help)
   delete $run to train again from scratch; rerunning this script resumes.
 MSG

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from data_prep.format import write_json_atomic
 from model import VideoTokenizer
+from pipeline.contact_sheet import sheet_frames, write_contact_sheet
 from pipeline.data import Batch, DataConfig, ShardLoader
 from pipeline.distributed import (
     all_gather_objects,
@@ -69,6 +70,9 @@ from pipeline.video_features import (
 from pipeline.world import World
 
 logger = logging.getLogger(__name__)
+
+SHEET_NAME = "contact_sheet.png"
+"""Real | reconstruction stills of the written clips, next to their videos/ folder."""
 
 VideoWriter = Callable[[str, Tensor, Tensor], None]
 """Called as writer(key, real, recon) with (C, T, H, W) clips in [0, 1], on rank 0."""
@@ -136,11 +140,21 @@ class EvalResult:
 
 
 class SideBySideWriter:
-    """Writes the first `max_videos` clips as `DIR/<key>.mp4`, real on the left."""
+    """Writes the first `max_videos` clips as `DIR/<key>.mp4`, real on the left, and a PNG
+    contact sheet of them (first, middle and last frame; `sheet_path`, default
+    `DIR/../contact_sheet.png`), rewritten as each clip arrives."""
 
-    def __init__(self, directory: str | Path, max_videos: int = 4, fps: float = 8.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        max_videos: int = 4,
+        fps: float = 8.0,
+        sheet_path: str | Path | None = None,
+    ) -> None:
         self.directory, self.max_videos, self.fps = Path(directory), max_videos, fps
+        self.sheet_path = Path(sheet_path) if sheet_path else self.directory.parent / SHEET_NAME
         self.written: list[Path] = []
+        self._sheet_clips: list[tuple[str, Tensor, Tensor]] = []
 
     def __call__(self, key: str, real: Tensor, recon: Tensor) -> None:
         if len(self.written) >= self.max_videos:
@@ -152,6 +166,9 @@ class SideBySideWriter:
         with Mp4Writer(self.directory / f"{key}.mp4", self.fps) as writer:
             writer.write(frames[..., :3].contiguous())
         self.written.append(writer.path)
+        frames_shown = sheet_frames(real.shape[1])
+        self._sheet_clips.append((key, real[:, frames_shown], recon[:, frames_shown]))
+        write_contact_sheet(self.sheet_path, self._sheet_clips)
 
 
 def evaluate(

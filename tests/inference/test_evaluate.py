@@ -12,7 +12,9 @@ import pytest
 import torch
 import torchvision
 from export_helpers import NUM_FRAMES, SIZE, run_module, tiny_export_model
+from PIL import Image
 
+from pipeline.contact_sheet import GAP, LABEL_HEIGHT
 from pipeline.data import DataConfig, ShardLoader
 from pipeline.evaluate import SideBySideWriter, evaluate, main, parse_args
 from pipeline.quality import (
@@ -108,6 +110,9 @@ def test_evaluate_scores_every_clip_as_a_direct_computation(clip_dataset, tmp_pa
     with av.open(str(writer.written[0])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == NUM_FRAMES and frames[0].shape == (SIZE, 2 * SIZE, 3)
+    sheet = Image.open(tmp_path / "contact_sheet.png")  # both clips, real | recon, 3 stills
+    scale = 96 // SIZE
+    assert sheet.size == (6 * SIZE * scale + 7 * GAP, GAP + 2 * (LABEL_HEIGHT + SIZE * scale + GAP))
 
 
 @pytest.mark.distributed
