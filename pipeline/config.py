@@ -21,6 +21,7 @@ import yaml
 
 from model.config import TokenizerConfig
 from pipeline.data import DataConfig
+from pipeline.health import HealthConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -201,6 +202,9 @@ class TrainConfig:
     folder or an export; optimizer state starts fresh."""
     process_group_timeout_s: float = 600.0
     """How long a collective waits for a dead rank before the job fails."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Training health alarms (pipeline.health): warnings in the log and `health/alarm_*`
+    scalars when the discriminator or the codebook collapses or the reconstruction diverges."""
     faults: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self) -> None:
@@ -302,6 +306,7 @@ _SECTIONS = {
     "discriminator_optim": OptimizerConfig,
     "losses": LossScheduleConfig,
     "faults": FaultInjection,
+    "health": HealthConfig,
 }
 
 

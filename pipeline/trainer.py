@@ -36,6 +36,7 @@ from pipeline.distributed import (
 from pipeline.ema import EMA
 from pipeline.evaluate import SideBySideWriter, evaluate, write_reports
 from pipeline.faults import Faults
+from pipeline.health import HealthMonitor
 from pipeline.inference import autocast_for
 from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
 from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
@@ -99,6 +100,8 @@ class Trainer:
         # LeCAM's anchors: EMAs of the rank-averaged mean (real, fake) logits, and their updates.
         self.lecam_ema = torch.zeros(2, device=device)
         self.lecam_updates = 0
+        # Fed the rank-averaged window means, so every rank holds the same alarms.
+        self.health = HealthMonitor(config.health)
         self.fixed_batch: torch.Tensor | None = None
 
     # The schedule of the run.
@@ -269,8 +272,12 @@ class Trainer:
             sum(ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e)
         )
         values.update({f"data/{k}": float(v) for k, v in self.loader.stats.items()})
+        health = self.health.update(self.step, values)
+        values.update(health.scalars)
         self.tensorboard.scalars(values, self.step)
         if self.world.rank == 0:
+            for event in health.events:
+                logger.warning(event.message())
             logger.info(
                 "step %d: %s",
                 self.step,
@@ -357,6 +364,7 @@ class Trainer:
                     "fake_logits": float(self.lecam_ema[1]),
                     "updates": self.lecam_updates,
                 },
+                "health": self.health.state_dict(),
             },
             fault_hook=self.faults.during_save(self.step),
         )
@@ -374,6 +382,8 @@ class Trainer:
             values = (lecam["real_logits"], lecam["fake_logits"])
             self.lecam_ema.copy_(torch.tensor(values, dtype=torch.float32))
             self.lecam_updates = int(lecam["updates"])
+        if "health" in restored["trainer"]:
+            self.health.load_state_dict(restored["trainer"]["health"])
         if self.ema is not None and restored["ema"] is not None:
             self.ema.load_state_dict(restored["ema"])
         if restored["loader"] is not None:
