@@ -192,6 +192,13 @@ class TrainConfig:
     """Batches per rank at each evaluation (pipeline.evaluate over eval_data)."""
     eval_videos: int = 2
     """Real | reconstruction mp4s written to OUTPUT_DIR/eval/step_N/ at each evaluation."""
+    eval_i3d_weights: str | None = None
+    """StyleGAN-V's TorchScript I3D (i3d_torchscript.pt) for rFVD at each evaluation; None: the
+    torch hub cache ($TORCH_HOME/hub/checkpoints/), and without the file rFVD is reported
+    unavailable with the reason (nothing is downloaded)."""
+    eval_inception_weights: str | None = None
+    """torch-fidelity's InceptionV3 weights for per-frame rFID at each evaluation (the `fid`
+    extra); None: the torch hub cache, else unavailable with the reason."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     export_on_finish: bool = True

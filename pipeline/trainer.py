@@ -41,6 +41,7 @@ from pipeline.inference import autocast_for
 from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
 from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.quality import load_lpips, psnr_per_clip, to_unit_range
+from pipeline.video_features import load_i3d, load_inception
 from pipeline.world import World
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class Trainer:
         self.eval_loader = ShardLoader(config.eval_data, world) if config.eval_data else None
         # LPIPS only when its package and AlexNet weights are on disk; the note says which.
         self.lpips = load_lpips(device) if config.eval_data else None
+        # rFVD / rFID likewise: their networks from local files, checked now, or a reason.
+        evaluating = config.eval_data is not None
+        self.fvd = load_i3d(device, config.eval_i3d_weights) if evaluating else None
+        self.fid = load_inception(device, config.eval_inception_weights) if evaluating else None
         self.checkpointer = Checkpointer(
             config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
         )
@@ -342,6 +347,10 @@ class Trainer:
                 video_writer=writer if self.config.eval_videos else None,
                 lpips_model=self.lpips.model,
                 lpips_note=self.lpips.note,
+                fvd_model=self.fvd.model,
+                fvd_note=self.fvd.note,
+                fid_model=self.fid.model,
+                fid_note=self.fid.note,
             )
             values.update(result.scalars())
             if self.world.rank == 0:

@@ -79,3 +79,37 @@ def repo_env(**extra: str) -> dict[str, str]:
     repo = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+# A stand-in for StyleGAN-V's TorchScript I3D (pipeline.video_features), for the rFVD tests.
+class StandInI3D(torch.nn.Module):
+    """Random weights with the TorchScript I3D's interface: forward(x, rescale, resize,
+    return_features) on (N, 3, T, 224, 224) in [-1, 1] -> (N, 400); fails below 9 frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, kernel_size=(1, 8, 8), stride=(1, 8, 8))
+        self.head = torch.nn.Linear(8 * 4, 400)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rescale: bool = False,
+        resize: bool = False,
+        return_features: bool = False,
+    ) -> torch.Tensor:
+        if rescale:
+            x = x / 127.5 - 1
+        if resize:
+            x = torch.nn.functional.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear")
+        assert x.shape[2] >= 9 and x.shape[3] == 224, "too short"
+        h = torch.relu(self.conv(x))  # (n, 8, t, 28, 28)
+        h = torch.nn.functional.adaptive_avg_pool3d(h, (1, 2, 2)).flatten(1)
+        logits = self.head(h)
+        return logits if return_features else logits.softmax(dim=1)
+
+
+def save_i3d(path, module: torch.nn.Module | None = None):
+    torch.manual_seed(0)
+    torch.jit.script((module or StandInI3D()).eval()).save(str(path))
+    return str(path)

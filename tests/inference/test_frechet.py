@@ -16,7 +16,6 @@ from pipeline.data import DataConfig, ShardLoader
 from pipeline.evaluate import evaluate, main, parse_args
 from pipeline.frechet import FeatureMoments, frechet_distance, frechet_from_moments
 from pipeline.video_features import (
-    I3D_FEATURES,
     I3D_MIN_FRAMES,
     default_weights_path,
     i3d_input,
@@ -25,6 +24,8 @@ from pipeline.video_features import (
     load_inception,
 )
 from pipeline.world import World
+
+from helpers import StandInI3D, save_i3d
 
 
 def _scipy_frechet(a: np.ndarray, b: np.ndarray, bias: bool) -> float:
@@ -64,35 +65,6 @@ def test_fewer_samples_than_features_is_reported():
     assert result.value > 0
 
 
-class StandInI3D(nn.Module):
-    """Random weights with the TorchScript I3D's interface: forward(x, rescale, resize,
-    return_features) on (N, 3, T, 224, 224) in [-1, 1] -> (N, 400); fails below 9 frames."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, kernel_size=(1, 8, 8), stride=(1, 8, 8))
-        self.head = nn.Linear(8 * 4, I3D_FEATURES)
-
-    def forward(
-        self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
-    ) -> Tensor:
-        if rescale:
-            x = x / 127.5 - 1
-        if resize:
-            x = nn.functional.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear")
-        assert x.shape[2] >= 9 and x.shape[3] == 224, "too short"
-        h = torch.relu(self.conv(x))  # (n, 8, t, 28, 28)
-        h = nn.functional.adaptive_avg_pool3d(h, (1, 2, 2)).flatten(1)
-        logits = self.head(h)
-        return logits if return_features else logits.softmax(dim=1)
-
-
-def _save_i3d(path, module: nn.Module | None = None):
-    torch.manual_seed(0)
-    torch.jit.script((module or StandInI3D()).eval()).save(str(path))
-    return str(path)
-
-
 def _loader(clip_dataset, world=None):
     config = DataConfig(
         video_shards=(str(clip_dataset),),
@@ -117,7 +89,7 @@ def test_i3d_input_is_the_tf_reference_preprocessing():
 
 
 def test_fvd_through_evaluate_equals_the_frechet_distance_of_the_features(clip_dataset, tmp_path):
-    status = load_i3d(torch.device("cpu"), _save_i3d(tmp_path / "i3d.pt"))
+    status = load_i3d(torch.device("cpu"), save_i3d(tmp_path / "i3d.pt"))
     assert status.model is not None, status.note
     model = tiny_export_model()
     result = evaluate(
@@ -156,14 +128,14 @@ def test_missing_or_wrong_i3d_is_unavailable_with_the_reason(tmp_path):
             super().__init__()
             self.head = nn.Linear(32, 10)
 
-    narrow = load_i3d(cpu, _save_i3d(tmp_path / "narrow.pt", Narrow()))
+    narrow = load_i3d(cpu, save_i3d(tmp_path / "narrow.pt", Narrow()))
     assert narrow.model is None and "not (1, 400)" in narrow.note
 
     class NoKeywords(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
             return x.flatten(1)[:, :400]
 
-    wrong = load_i3d(cpu, _save_i3d(tmp_path / "wrong.pt", NoKeywords()))
+    wrong = load_i3d(cpu, save_i3d(tmp_path / "wrong.pt", NoKeywords()))
     assert wrong.model is None and "fails on a (1, 3, 9, 224, 224) probe" in wrong.note
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     junk = load_i3d(cpu, str(tmp_path / "junk.pt"))
@@ -171,7 +143,7 @@ def test_missing_or_wrong_i3d_is_unavailable_with_the_reason(tmp_path):
 
 
 def test_clips_shorter_than_the_i3d_needs_are_a_clear_reason(tmp_path):
-    status = load_i3d(torch.device("cpu"), _save_i3d(tmp_path / "i3d.pt"))
+    status = load_i3d(torch.device("cpu"), save_i3d(tmp_path / "i3d.pt"))
     frames = I3D_MIN_FRAMES - 4  # 5 = 1 + 2f frames
 
     class Batch:
@@ -213,7 +185,7 @@ def _cli_args(export_dir, clip_dataset, i3d):
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_fvd_of_one_rank(clip_dataset, export_dir, tmp_path):
-    args = _cli_args(export_dir, clip_dataset, _save_i3d(tmp_path / "i3d.pt"))
+    args = _cli_args(export_dir, clip_dataset, save_i3d(tmp_path / "i3d.pt"))
     assert main(parse_args([*args, "--out", str(tmp_path / "one")])) == 0
     result = run_module("pipeline.evaluate", [*args, "--out", str(tmp_path / "two")], ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]

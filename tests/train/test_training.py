@@ -20,6 +20,8 @@ from trainrun import (
     torchrun_launch,
 )
 
+from helpers import save_i3d
+
 pytestmark = pytest.mark.distributed
 
 SCALARS = {
@@ -70,6 +72,7 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
         eval_batches=1,
         eval_videos=1,
         codebook_stats_window=3,
+        eval_i3d_weights=save_i3d(tmp_path / "i3d.pt"),  # a stand-in: rFVD runs, no real number
         **{"eval_data.video_shards": f"[{video_shards}]", "eval_data.num_workers": 1},
         **{"faults.kill_at_step": 4, "faults.on_rank": 1},
     )
@@ -100,6 +103,9 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     summary = json.loads((out / "eval" / "step_00000006" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["num_clips"] == 2, summary
     assert summary["psnr"] > 0 and 0 < summary["codebook_usage"] <= 1, summary
+    assert math.isfinite(summary["fvd"]) and summary["fvd"] >= 0, summary  # 2 clips: a warning
+    assert "unavailable" in summary["fid_note"], summary  # no Inception weights here
+    assert "eval/rfvd" in events.Tags()["scalars"]
     assert len((out / "eval" / "step_00000006" / "clips.csv").read_text().splitlines()) == 3
     assert len(list((out / "eval" / "step_00000006" / "videos").glob("*.mp4"))) == 1
 
