@@ -196,6 +196,7 @@ def reference_trainer(batches: list[Batch], work: Path, device: torch.device, pr
         with contextlib.redirect_stdout(io.StringIO()):  # it prints every loss
             trainer.train_step(iterator)
 
+    step.trainer = trainer  # for benchmarks that score what it trained (bench_learning)
     return step
 
 
