@@ -85,11 +85,6 @@ def inference_precision(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """The 'auto' precision when enabled (bf16 on CUDA), IEEE fp32 otherwise."""
-    return inference_precision(device, resolve_precision("auto" if enabled else "fp32", device))
-
-
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",

@@ -37,7 +37,7 @@ from pipeline.ema import EMA
 from pipeline.evaluate import SideBySideWriter, evaluate, write_reports
 from pipeline.faults import Faults
 from pipeline.health import HealthMonitor
-from pipeline.inference import autocast_for
+from pipeline.inference import inference_precision, resolve_precision
 from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
 from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.quality import load_lpips, psnr_per_clip, to_unit_range
@@ -328,7 +328,7 @@ class Trainer:
         values: dict[str, float] = {}
         if self.fixed_batch is not None:
             real = to_unit_range(self.fixed_batch)
-            with autocast_for(self.device, True):
+            with inference_precision(self.device, resolve_precision("auto", self.device)):
                 recon = to_unit_range(model(self.fixed_batch))
             fixed = torch.stack(
                 (psnr_per_clip(real, recon).mean().double(), real.new_ones((), dtype=torch.float64))

@@ -83,7 +83,8 @@ def load_i3d(device: torch.device, path: str | None = None) -> FeatureNet:
         return FeatureNet(
             None,
             f"unavailable: no I3D at {path} (StyleGAN-V's TorchScript {I3D_FILE}; pass "
-            "--i3d-weights PATH or put it there; nothing is downloaded)",
+            "--i3d-weights PATH, or eval_i3d_weights in a training config, or put it there; "
+            "nothing is downloaded)",
         )
     try:
         model = torch.jit.load(path, map_location=device).eval()
@@ -122,7 +123,8 @@ def load_inception(device: torch.device, path: str | None = None) -> FeatureNet:
         return FeatureNet(
             None,
             f"unavailable: no InceptionV3 weights at {path} (torch-fidelity's {INCEPTION_FILE};"
-            " pass --inception-weights PATH or put it there; nothing is downloaded)",
+            " pass --inception-weights PATH, or eval_inception_weights in a training config, or "
+            "put it there; nothing is downloaded)",
         )
     try:
         model = FeatureExtractorInceptionV3(
