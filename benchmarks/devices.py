@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,11 +68,29 @@ def cuda_peak_of(fn, device: torch.device) -> dict:
     }
 
 
+def _cpu_model_and_flags() -> dict:
+    """The CPU's model name and its vector-extension flags (AVX2 / AVX-512 machines differ),
+    from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx")))
+    return {
+        "cpu_model": fields.get("model name", ""),
+        "cpu_flags": flags,
+        "cpu_cores": os.cpu_count(),
+    }
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        **_cpu_model_and_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": str(device),
     }

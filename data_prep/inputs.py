@@ -18,7 +18,8 @@ from data_prep.format import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Kind, SkipEntry
 logger = logging.getLogger(__name__)
 
 LIST_EXTENSIONS = (".txt", ".csv", ".lst")
-_CSV_PATH_COLUMNS = ("path", "video", "file", "filename", "filepath", "video_path")
+_CSV_PATH_COLUMNS = ("path", "video", "videos", "file", "filename", "filepath", "video_path")
+"""Header names of a CSV list's path column ('videos': VidTok's meta files)."""
 
 
 class InputError(ValueError):

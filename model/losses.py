@@ -135,15 +135,16 @@ class PerceptualLoss(nn.Module):
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._holder: list[nn.Module] = []  # a list keeps the network out of the module tree
         if network is not None:
-            self._set_network(network)
+            self.set_network(network)
 
-    def _set_network(self, network: nn.Module) -> None:
+    def set_network(self, network: nn.Module) -> None:
+        """Use `network` (frames -> features) instead of loading VGG16."""
         network.eval().requires_grad_(False)
         self._holder[:] = [network]
 
     def load(self) -> nn.Module:
         if not self._holder:
-            self._set_network(vgg16_fc7_features(load_vgg16(self.weights)))
+            self.set_network(vgg16_fc7_features(load_vgg16(self.weights)))
         return self._holder[0]
 
     def features(self, frames: Tensor) -> Tensor:

@@ -37,8 +37,11 @@ def ieee_fp32(device_type: str, *, convolutions: bool = False) -> Iterator[None]
     try:
         for setting in settings:
             setting.fp32_precision = "ieee"
-        with torch.autocast(device_type=device_type, enabled=False):
+        if device_type == "meta":  # shape-only runs (the trainer's dry run): no autocast there
             yield
+        else:
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
     finally:
         for setting, value in zip(settings, saved, strict=True):
             setting.fp32_precision = value

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,15 @@ import numpy as np
 import torch
 
 from pipeline import engines as ds
-from pipeline.distributed import barrier
+from pipeline.distributed import all_reduce_max, barrier
 from pipeline.world import World
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
+"""A checkpoint's DeepSpeed universal form, made when a run resumes on another world size."""
 
 
 @dataclass(frozen=True)
@@ -146,26 +149,23 @@ class Checkpointer:
     def restore(self, checkpoint: Checkpoint, engines: ds.Engines) -> dict[str, Any]:
         """Loads the engines and returns {'trainer', 'ema', 'loader', 'rng', 'resharded'}.
 
-        A checkpoint written by another number of ranks cannot restore ZeRO optimizer state
-        (DeepSpeed refuses): then only the weights and the EMA are loaded, the optimizer starts
-        fresh, and a warning says so.
+        A checkpoint written by another number of ranks (a node was lost, or added) is first
+        converted to DeepSpeed's universal format, once, into `CHECKPOINT/universal/` next to
+        the original files, and loaded from there: weights, fp32 master weights, Adam moments,
+        schedules and step counters all carry over. Only if DeepSpeed cannot convert or load it
+        are the weights and the EMA loaded alone, with a warning.
         """
         trainer_state = checkpoint.state
         saved_world = int(trainer_state["world_size"])
         resharded = saved_world != self.world.world_size
-        if resharded and self.world.rank == 0:
-            logger.warning(
-                "!!! %s was written by %d ranks, this run has %d: loading the weights and the "
-                "EMA only; optimizer moments and learning-rate schedule state start fresh !!!",
-                checkpoint.path,
-                saved_world,
-                self.world.world_size,
-            )
-        ds.load_engine(engines.generator, checkpoint.path, "generator", module_only=resharded)
-        if engines.discriminator is not None:
-            ds.load_engine(
-                engines.discriminator, checkpoint.path, "discriminator", module_only=resharded
-            )
+        tags = ["generator"] + (["discriminator"] if engines.discriminator is not None else [])
+        pairs = [(engines.generator, "generator"), (engines.discriminator, "discriminator")]
+        if resharded and self._restore_universal(checkpoint, pairs[: len(tags)], saved_world):
+            resharded_optimizer = False
+        else:
+            resharded_optimizer = resharded
+            for engine, tag in pairs[: len(tags)]:
+                ds.load_engine(engine, checkpoint.path, tag, module_only=resharded)
         ema_path = checkpoint.path / "ema.pt"
         ema = torch.load(ema_path, map_location="cpu") if ema_path.is_file() else None
         rank_file = checkpoint.path / f"rank_{self.world.rank:05d}.pt"
@@ -180,7 +180,57 @@ class Checkpointer:
             "loader": per_rank.get("loader"),
             "rng": None if resharded else per_rank.get("rng"),
             "resharded": resharded,
+            "optimizer_restored": not resharded_optimizer,
         }
+
+    def _restore_universal(self, checkpoint: Checkpoint, pairs: list, saved_world: int) -> bool:
+        """Converts (rank 0, once) and loads the universal form of each engine; False, after a
+        warning, when DeepSpeed cannot."""
+        universal = checkpoint.path / UNIVERSAL
+        error = ""
+        if self.world.rank == 0 and not (universal / COMPLETE).is_file():
+            partial = checkpoint.path / f".partial-{UNIVERSAL}"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                start = time.monotonic()
+                for _, tag in pairs:
+                    ds.convert_to_universal(checkpoint.path, tag, partial)
+                _fsync_write(partial / COMPLETE, "")
+                partial.rename(universal)
+                logger.info(
+                    "%s was written by %d ranks, this run has %d: converted to DeepSpeed's "
+                    "universal checkpoint in %.1f s (%s)",
+                    checkpoint.path,
+                    saved_world,
+                    self.world.world_size,
+                    time.monotonic() - start,
+                    universal,
+                )
+            except Exception as exc:  # noqa: BLE001 - any DeepSpeed failure: fall back, loudly
+                error = f"{type(exc).__name__}: {exc}"
+        barrier()
+        if (universal / COMPLETE).is_file():
+            try:
+                for engine, tag in pairs:
+                    ds.load_engine_universal(engine, universal, tag)
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+            failed = torch.tensor([float(bool(error))])
+            if not all_reduce_max(failed).item():  # every rank loaded: all or none
+                return True
+            # Half-loaded engines: the fallback loads the weights again, on every rank.
+        if self.world.rank == 0 or error:
+            logger.warning(
+                "!!! %s was written by %d ranks, this run has %d, and DeepSpeed could not "
+                "convert or load it as a universal checkpoint (%s): loading the weights and "
+                "the EMA only; optimizer moments and learning-rate schedule state start "
+                "fresh !!!",
+                checkpoint.path,
+                saved_world,
+                self.world.world_size,
+                error or "see rank 0's log",
+            )
+        return False
 
 
 def init_source(source: Path) -> Path | Checkpoint:

@@ -136,6 +136,9 @@ class FaultInjection:
     """SIGKILL rank `on_rank` at the start of this step."""
     kill_during_save_at_step: int | None = None
     """SIGKILL rank `on_rank` halfway through writing the checkpoint of this step."""
+    signal_group_during_stop_save: bool = False
+    """Halfway through the checkpoint of a stop request, rank `on_rank` sends SIGTERM to its
+    whole process group (the job, as SLURM's second signal would)."""
     on_rank: int = 0
 
 
@@ -200,6 +203,9 @@ class TrainConfig:
     """torch-fidelity's InceptionV3 weights for per-frame rFID at each evaluation (the `fid`
     extra); None: the torch hub cache, else unavailable with the reason."""
     checkpoint_every: int = 500
+    checkpoint_every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: steps only). A
+    stop request (SIGTERM / SIGUSR1 on any rank) always saves the step it stops at."""
     keep_checkpoints: int = 3
     export_on_finish: bool = True
     codebook_stats_window: int = 50
@@ -230,6 +236,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_videos < 0:
             raise ValueError(f"eval_videos must be >= 0, got {self.eval_videos}")
+        if not (
+            math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0
+        ):
+            raise ValueError(
+                "checkpoint_every_minutes must be >= 0 (0: off), got "
+                f"{self.checkpoint_every_minutes}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:

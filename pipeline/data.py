@@ -48,6 +48,7 @@ from pipeline.data_stages import (
     reader_seed,
     resampled_shards,
 )
+from pipeline.preemption import ignore_stop_signals
 from pipeline.tar_stream import tar_samples
 from pipeline.world import World
 
@@ -277,6 +278,7 @@ class Batch:
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # one core per worker; decoding is single-threaded too
+    ignore_stop_signals()  # SLURM signals every process: the rank saves, then ends the workers
 
 
 class ShardLoader:

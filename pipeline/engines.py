@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimizerConfig, TrainConfig
-from pipeline.world import World
+from pipeline.world import World, rendezvous_env
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,22 @@ def init_deepspeed_distributed(
         # and training on gloo never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if on_cuda else "gloo"
+    import os
+
     if world.world_size == 1:
         # Without a launcher DeepSpeed falls back to MPI discovery (mpi4py); a world of one
         # only needs these to form its trivial process group.
-        import os
-
-        for key, value in (
-            ("RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("LOCAL_RANK", "0"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(_free_port())),
-        ):
-            os.environ.setdefault(key, value)
+        variables = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }
+    else:
+        variables = rendezvous_env(world)  # under srun: from SLURM's variables
+    for key, value in variables.items():
+        os.environ.setdefault(key, value)
     deepspeed.init_distributed(
         dist_backend=backend,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -200,6 +203,42 @@ def load_engine(engine: Any, directory: Path, tag: str, *, module_only: bool) ->
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
+
+
+def convert_to_universal(checkpoint: Path, tag: str, out: Path) -> None:
+    """DeepSpeed's `ds_to_universal` of one engine's ZeRO 1/2 files `checkpoint/tag` into
+    `out/tag`: every parameter's fp32 master weights and Adam moments whole, loadable on any
+    number of ranks. Runs in this process (one worker), quietly."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = SimpleNamespace(
+        input_folder=str(checkpoint / tag),
+        output_folder=str(out / tag),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # Our engines save no Megatron-style universal_checkpoint_info: DeepSpeed's defaults
+        # (no tensor or pipeline parallelism) are exactly our layout.
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)  # prints every step and shows progress bars
+
+
+def load_engine_universal(engine: Any, directory: Path, tag: str) -> None:
+    """Restores weights, fp32 master weights, optimizer moments, scheduler and step counters
+    from `convert_to_universal`'s output, whatever world size wrote the original."""
+    # DeepSpeed reads this flag of the engine's config at load time only.
+    engine._config.load_universal_checkpoint = True
+    try:
+        load_engine(engine, directory, tag, module_only=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
 
 
 def skipped_steps(engine: Any) -> int:

@@ -54,6 +54,7 @@ from pipeline.quality import (
     CodeHistogram,
     load_lpips,
     lpips_per_clip,
+    psnr_frame_mean,
     psnr_per_clip,
     ssim_per_clip,
     to_unit_range,
@@ -85,13 +86,16 @@ class ClipScores:
     ssim: float
     lpips: float | None
     num_frames: int
+    psnr_frames: float
 
 
 @dataclass
 class EvalResult:
     num_clips: int
     psnr: float
-    """Mean over clips of the clip's PSNR (dB, frames in [0, 1])."""
+    """Mean over clips of the clip's PSNR (dB over all its pixels, frames in [0, 1])."""
+    psnr_frames: float
+    """Mean over clips of the mean over frames of each frame's PSNR (VidTok's convention)."""
     ssim: float
     lpips: float | None
     """Mean LPIPS (AlexNet), None when unavailable (see lpips_note)."""
@@ -120,6 +124,7 @@ class EvalResult:
         """For TensorBoard: writer.add_scalar(name, value, step) for each item."""
         values = {
             "psnr": self.psnr,
+            "psnr_frames": self.psnr_frames,
             "ssim": self.ssim,
             "codebook_usage": self.codebook_usage,
             "perplexity": self.perplexity,
@@ -208,7 +213,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     histogram = CodeHistogram(model.codebook_size, model.config.num_codebooks, device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, clips
+    # psnr, ssim, lpips, clips, psnr_frames
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     rows: list[ClipScores] = []
     fvd = _FeatureSets(fvd_model, i3d_features, I3D_FEATURES, I3D_MIN_FRAMES, device)
     fid = _FeatureSets(fid_model, inception_features, INCEPTION_FEATURES, 1, device)
@@ -228,13 +234,30 @@ def evaluate(
                 lpips = lpips_per_clip(lpips_model, real, recon) if lpips_model else 0 * psnr
                 fvd.add(real, recon)
                 fid.add(real, recon)
+                psnr_frames = psnr_frame_mean(real, recon)
                 count = psnr.new_tensor(float(len(psnr)))
-                totals += torch.stack((psnr.sum(), ssim.sum(), lpips.sum(), count)).double()
-                scores = zip(batch.keys, psnr.tolist(), ssim.tolist(), lpips.tolist(), strict=True)
-                for i, (key, *values) in enumerate(scores):
-                    if lpips_model is None:
-                        values[2] = None
-                    rows.append(ClipScores(key, *values, num_frames=video.shape[2]))
+                totals += torch.stack(
+                    (psnr.sum(), ssim.sum(), lpips.sum(), count, psnr_frames.sum())
+                ).double()
+                scores = zip(
+                    batch.keys,
+                    psnr.tolist(),
+                    ssim.tolist(),
+                    lpips.tolist(),
+                    psnr_frames.tolist(),
+                    strict=True,
+                )
+                for i, (key, clip_psnr, clip_ssim, clip_lpips, frames_psnr) in enumerate(scores):
+                    rows.append(
+                        ClipScores(
+                            key,
+                            clip_psnr,
+                            clip_ssim,
+                            clip_lpips if lpips_model is not None else None,
+                            num_frames=video.shape[2],
+                            psnr_frames=frames_psnr,
+                        )
+                    )
                     if video_writer is not None and world.rank == 0:
                         video_writer(key, real[i].cpu(), recon[i].cpu())
     finally:
@@ -248,10 +271,11 @@ def evaluate(
     fvd_value, fvd_note = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
     fid_value, fid_note = fid.distance(unbiased=True, note=fid_note, unit="frames")
     num_clips = int(totals[3])
-    means = (totals[:3] / max(num_clips, 1)).tolist() if num_clips else [math.nan] * 3
+    means = (totals / max(num_clips, 1)).tolist() if num_clips else [math.nan] * 5
     return EvalResult(
         num_clips=num_clips,
         psnr=means[0],
+        psnr_frames=means[4],
         ssim=means[1],
         lpips=means[2] if lpips_model is not None and num_clips else None,
         codebook_usage=histogram.usage(),
@@ -341,10 +365,19 @@ def write_reports(result: EvalResult, out: Path, extra: dict) -> None:
     tmp = out / ".clips.csv.partial"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["key", "psnr", "ssim", "lpips", "num_frames"])
+        writer.writerow(["key", "psnr", "ssim", "lpips", "num_frames", "psnr_frames"])
         for c in result.clips:
             lpips = "" if c.lpips is None else f"{c.lpips:.6f}"
-            writer.writerow([c.key, f"{c.psnr:.6f}", f"{c.ssim:.6f}", lpips, c.num_frames])
+            writer.writerow(
+                [
+                    c.key,
+                    f"{c.psnr:.6f}",
+                    f"{c.ssim:.6f}",
+                    lpips,
+                    c.num_frames,
+                    f"{c.psnr_frames:.6f}",
+                ]
+            )
     tmp.replace(out / "clips.csv")
     write_json_atomic(str(out / "summary.json"), {**result.summary(), **extra})
 

@@ -46,8 +46,16 @@ class Faults:
             return torch.full_like(video, float("nan"))
         return video
 
-    def during_save(self, step: int):
+    def during_save(self, step: int, stopping: bool = False):
         """A hook for the checkpointer, or None."""
-        if self.config.kill_during_save_at_step != step or self.rank != self.config.on_rank:
+        if self.rank != self.config.on_rank:
+            return None
+        if stopping and self.config.signal_group_during_stop_save:
+            return self._signal_group
+        if self.config.kill_during_save_at_step != step:
             return None
         return lambda: self._kill(f"kill_during_save_{step}")
+
+    def _signal_group(self) -> None:
+        logger.error("fault injection: SIGTERM to process group %d mid-save", os.getpgid(0))
+        os.killpg(os.getpgid(0), signal.SIGTERM)

@@ -39,6 +39,14 @@ def psnr_per_clip(real: Tensor, recon: Tensor) -> Tensor:
     return -10 * torch.log10(mse.clamp(min=floor))
 
 
+def psnr_frame_mean(real: Tensor, recon: Tensor) -> Tensor:
+    """(B, C, T, H, W) clips in [0, 1] -> (B,) mean over frames of each frame's PSNR (dB): the
+    convention of VidTok's evaluation, never below `psnr_per_clip` (Jensen)."""
+    mse = (real.float() - recon.float()).pow(2).mean(dim=(1, 3, 4))  # (b, t)
+    floor = 10 ** (-PSNR_MAX_DB / 10)
+    return (-10 * torch.log10(mse.clamp(min=floor))).mean(dim=1)
+
+
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> Tensor:
     x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
     window = torch.exp(-(x**2) / (2 * sigma**2))

@@ -18,6 +18,7 @@ import torch
 from pipeline.checkpointing import init_source
 from pipeline.config import TrainConfig, dump_config, load_config
 from pipeline.data import resolve_shards
+from pipeline.preemption import PREEMPTED_EXIT_CODE, StopRequests
 from pipeline.world import World
 
 
@@ -29,6 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", required=True, help="YAML file, e.g. launch/configs/tiny_cpu.yaml"
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=2e-4 num_steps=10")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print parameters, FLOPs per clip and memory per rank, "
+        "without starting anything (no process group, no GPU memory)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks the --dry-run estimate is for (default: the launcher's WORLD_SIZE, or 1)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -51,12 +64,36 @@ def check_before_start(config: TrainConfig, world: World) -> None:
             resolve_shards(section.image_shards, "image", require_existing=True)
 
 
+def dry_run_main(args: argparse.Namespace, world: World) -> int:
+    from pipeline.dry_run import dry_run
+
+    world_size = args.world_size or world.world_size
+    try:
+        config = load_config(args.config, args.overrides)
+        config.check_world_size(world_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if world.rank == 0:
+        print("\n".join(dry_run(config, world_size).lines()), flush=True)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    world = World.from_env()
+    # First, so that a stop signal during the (slow) start-up is honoured, not fatal.
+    stop = StopRequests()
+    stop.install()
+    try:
+        world = World.from_env()
+    except ValueError as error:  # the launcher's and SLURM's variables disagree
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if world.rank == 0 else logging.WARNING,
         format=f"[rank {world.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.dry_run:
+        return dry_run_main(args, world)
     try:
         config = load_config(args.config, args.overrides)
         check_before_start(config, world)
@@ -75,10 +112,14 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     engines.init_deepspeed_distributed(world, config.process_group_timeout_s, device)
     try:
-        trainer = Trainer(config, world, device)
+        trainer = Trainer(config, world, device, stop)
         trainer.train()
     finally:
         teardown()
+    if trainer.stopped:
+        if world.rank == 0:
+            print(f"training stopped at step {trainer.step}: {config.output_dir}", flush=True)
+        return PREEMPTED_EXIT_CODE
     if world.rank == 0:
         print(f"training finished at step {trainer.step}: {config.output_dir}", flush=True)
     return 0

@@ -40,6 +40,7 @@ from pipeline.health import HealthMonitor
 from pipeline.inference import inference_precision, resolve_precision
 from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
 from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.preemption import StopRequests
 from pipeline.quality import load_lpips, psnr_per_clip, to_unit_range
 from pipeline.video_features import load_i3d, load_inception
 from pipeline.world import World
@@ -48,8 +49,21 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, world: World, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        world: World,
+        device: torch.device,
+        stop: StopRequests | None = None,
+    ) -> None:
+        """`stop`: the stop requests (signals) of this process, installed by the caller before
+        anything slow starts; None records none."""
         self.config, self.world, self.device = config, world, device
+        self.stop = stop if stop is not None else StopRequests()
+        self.stop.every_s = config.checkpoint_every_minutes * 60.0
+        self.stopped = False
+        """True when train() ended early on a stop request, after saving that step."""
+        self.saved_step: int | None = None
         self.output_dir = Path(config.output_dir)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             config.precision, torch.float32
@@ -127,6 +141,13 @@ class Trainer:
         )
         window: dict[str, list[float]] = defaultdict(list)
         while self.step < config.num_steps:
+            stop, save_now = self.stop.poll(self.device)  # every rank: the same answer
+            if stop or save_now:
+                self.stopped = stop
+                if self.saved_step != self.step:
+                    self.save()
+                if stop:
+                    break
             self.faults.at_step_start(self.step)
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
@@ -155,7 +176,15 @@ class Trainer:
             if self.step % config.checkpoint_every == 0 or self.step == config.num_steps:
                 self.save()
         progress.close()
-        if config.export_on_finish:
+        if self.stopped:
+            if self.world.rank == 0:
+                logger.warning(
+                    "stopped at step %d on a stop signal (%s); the checkpoint of that step is "
+                    "complete: rerun the same command to resume",
+                    self.step,
+                    "received here" if self.stop.signal is not None else "on another rank",
+                )
+        elif config.export_on_finish:
             self.export()
         self.tensorboard.close()
 
@@ -375,8 +404,10 @@ class Trainer:
                 },
                 "health": self.health.state_dict(),
             },
-            fault_hook=self.faults.during_save(self.step),
+            fault_hook=self.faults.during_save(self.step, stopping=self.stopped),
         )
+        self.saved_step = self.step
+        self.stop.saved()
         self.tensorboard.flush()
 
     def maybe_resume(self) -> None:
@@ -385,6 +416,7 @@ class Trainer:
             return
         restored = self.checkpointer.restore(checkpoint, self.engines)
         self.step = int(restored["trainer"]["step"])
+        self.saved_step = self.step
         self.counters.update(restored["trainer"].get("counters", {}))
         lecam = restored["trainer"].get("lecam_ema")
         if lecam is not None:

@@ -1,7 +1,8 @@
 """Where this process sits: rank and world size, and inside a data-loader worker, which worker.
 
-The only module of ``pipeline`` that reads the launcher's environment variables; everything else
-receives a ``World``. Tests build ``World(rank=1, world_size=2)`` directly.
+The only module of ``pipeline`` that reads the launcher's environment variables (torchrun's,
+DeepSpeed's, srun's); everything else receives a ``World``. Tests build
+``World(rank=1, world_size=2)`` directly.
 """
 
 from __future__ import annotations
@@ -36,15 +37,24 @@ class World:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> World:
-        """From torchrun/deepspeed variables (RANK, WORLD_SIZE, LOCAL_RANK), else from an
-        initialised torch.distributed, else a single process."""
+        """From torchrun / deepspeed variables (RANK, WORLD_SIZE, LOCAL_RANK); else from srun's
+        (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID: one task per rank); else from an initialised
+        torch.distributed; else a single process. ValueError when the launcher's variables and
+        SLURM's contradict each other."""
         env = os.environ if env is None else env
+        slurm = _slurm_task(env)
         if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(
-                rank=int(env["RANK"]),
-                world_size=int(env["WORLD_SIZE"]),
-                local_rank=int(env.get("LOCAL_RANK", "0")),
+            world = cls(
+                rank=_int(env, "RANK"),
+                world_size=_int(env, "WORLD_SIZE"),
+                local_rank=_int(env, "LOCAL_RANK", "0"),
             )
+            if slurm is not None:
+                _check_against_slurm(world, *slurm)
+            return world
+        if slurm is not None and slurm[1] > 1:
+            rank, world_size, local_rank = slurm
+            return cls(rank=rank, world_size=world_size, local_rank=local_rank)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(
                 rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()
@@ -67,3 +77,78 @@ class World:
     def reader_index(self) -> int:
         """This reader's index in [0, num_readers)."""
         return self.rank * self.num_workers + self.worker_id
+
+
+def rendezvous_env(world: World, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables torch.distributed's env:// rendezvous reads, for those the launcher did not
+    set: under srun (one task per rank) RANK / WORLD_SIZE / LOCAL_RANK from SLURM, the first host
+    of the job's node list as MASTER_ADDR and a port derived from the job id (as
+    launch/train.sbatch does), so two jobs sharing a node do not collide."""
+    env = os.environ if env is None else env
+    out = {
+        "RANK": str(world.rank),
+        "WORLD_SIZE": str(world.world_size),
+        "LOCAL_RANK": str(world.local_rank),
+    }
+    nodes = (
+        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    )
+    if nodes:
+        out["MASTER_ADDR"] = first_host(nodes)
+    if "SLURM_JOB_ID" in env:
+        out["MASTER_PORT"] = str(20000 + _int(env, "SLURM_JOB_ID") % 20000)
+    return {k: v for k, v in out.items() if k not in env}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    head = nodelist.strip()
+    depth = 0
+    for i, char in enumerate(head):  # the first entry: up to a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            head = head[:i]
+            break
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def _slurm_task(env: Mapping[str, str]) -> tuple[int, int, int] | None:
+    """(rank, tasks, local rank) of a task srun started, or None outside one."""
+    if "SLURM_PROCID" not in env:
+        return None
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if tasks is None:
+        return None
+    return (
+        _int(env, "SLURM_PROCID"),
+        int(tasks),
+        _int(env, "SLURM_LOCALID", "0"),
+    )
+
+
+def _check_against_slurm(world: World, task: int, tasks: int, local_task: int) -> None:
+    """A launcher inside SLURM tasks starts the same number of ranks in each: WORLD_SIZE is a
+    multiple of the tasks, and with one rank per task, RANK is the task's."""
+    if world.world_size % tasks:
+        raise ValueError(
+            f"WORLD_SIZE={world.world_size} but SLURM started {tasks} tasks (SLURM_NTASKS): "
+            "WORLD_SIZE must be a multiple of them (one launcher per task, or one rank per task)"
+        )
+    if world.world_size == tasks and (world.rank, world.local_rank) != (task, local_task):
+        raise ValueError(
+            f"RANK={world.rank} / LOCAL_RANK={world.local_rank} but this is SLURM task "
+            f"{task} / local task {local_task} of {tasks} (one rank per task): unset RANK, "
+            "WORLD_SIZE and LOCAL_RANK under srun, or set them consistently"
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    value = env.get(name, default)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None

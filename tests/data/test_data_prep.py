@@ -26,7 +26,7 @@ from media import (
 
 from data_prep.clips import ClipConfig, clip_indices
 from data_prep.format import parse_shard_name, read_manifest, sample_key, shard_name
-from data_prep.inputs import list_inputs, node_from_env, node_of
+from data_prep.inputs import list_inputs, node_from_env, node_of, read_path_list
 from data_prep.verify import verify
 from data_prep.video_io import resized_size
 from pipeline.data import DataConfig, ShardLoader
@@ -213,6 +213,17 @@ def test_list_inputs_and_partition(tmp_path):
     assert node_from_env({**array, "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "0"}) == (1, 4)
     assert node_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "8"}) == (2, 8)
     assert node_from_env({}) is None
+
+
+def test_path_list_formats(tmp_path):
+    """A .txt list (comments, relative paths from the list's folder) and CSV lists with a named
+    path column anywhere (VidTok's meta files name it 'videos') or none (the first column)."""
+    (tmp_path / "list.txt").write_text("# clips\na.mp4\n\n/abs/b.mp4\n")
+    (tmp_path / "vidtok.csv").write_text("caption,videos\nhello,c.mp4\n")
+    (tmp_path / "bare.csv").write_text("d.mp4,3\n")
+    assert read_path_list(str(tmp_path / "list.txt")) == [str(tmp_path / "a.mp4"), "/abs/b.mp4"]
+    assert read_path_list(str(tmp_path / "vidtok.csv")) == [str(tmp_path / "c.mp4")]
+    assert read_path_list(str(tmp_path / "bare.csv")) == [str(tmp_path / "d.mp4")]
 
 
 def test_multi_node_partition(tmp_path):

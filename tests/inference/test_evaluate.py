@@ -20,6 +20,7 @@ from pipeline.evaluate import SideBySideWriter, evaluate, main, parse_args
 from pipeline.quality import (
     CodeHistogram,
     load_lpips,
+    psnr_frame_mean,
     psnr_per_clip,
     ssim_per_frame,
     to_unit_range,
@@ -51,6 +52,26 @@ def test_ssim_and_psnr_match_scikit_image():
         assert abs(float(psnr_per_clip(real[i : i + 1], recon[i : i + 1])) - psnr) < 1e-4
     assert torch.allclose(ssim_per_frame(real, real), torch.ones(3))
     assert float(psnr_per_clip(real[:1], real[:1])) == pytest.approx(100.0)
+
+
+def test_frame_mean_psnr_is_the_mean_of_per_frame_psnr():
+    """VidTok's convention: PSNR of each frame, then the mean over frames; differs from the
+    clip's PSNR when the error varies over time (and is then higher)."""
+    real = torch.rand(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.tensor([0.01, 0.02, 0.05, 0.1]).view(1, 1, 4, 1, 1)
+    recon = real + noise * torch.randn(real.shape, generator=torch.Generator().manual_seed(2))
+    per_frame = torch.stack(
+        [
+            torch.stack(
+                [psnr_per_clip(real[b, :, t][None], recon[b, :, t][None])[0] for t in range(4)]
+            )
+            for b in range(2)
+        ]
+    )
+    assert torch.allclose(psnr_frame_mean(real, recon), per_frame.mean(dim=1), atol=1e-5)
+    assert (psnr_frame_mean(real, recon) > psnr_per_clip(real, recon) + 0.5).all()
+    still = real + 0.03 * torch.randn(real.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(psnr_frame_mean(real, still), psnr_per_clip(real, still), atol=0.1)
 
 
 def test_codebook_usage_and_perplexity():
@@ -138,7 +159,7 @@ def test_two_ranks_report_what_one_rank_reports(clip_dataset, export_dir, tmp_pa
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["precision"] == two["precision"] == "fp32"  # 'auto' on CPU
     assert one["num_clips"] == two["num_clips"] and one["skipped"] == two["skipped"] == {}
-    for name in ("psnr", "ssim"):
+    for name in ("psnr", "psnr_frames", "ssim"):
         assert one[name] == pytest.approx(two[name], abs=1e-5)
     assert one["codebook_usage"] == two["codebook_usage"]
     assert one["perplexity"] == pytest.approx(two["perplexity"], rel=1e-9)
@@ -146,6 +167,7 @@ def test_two_ranks_report_what_one_rank_reports(clip_dataset, export_dir, tmp_pa
     assert [r["key"] for r in rows[0]] == [r["key"] for r in rows[1]]  # each clip once
     for a, b in zip(*rows, strict=True):
         assert float(a["psnr"]) == pytest.approx(float(b["psnr"]), abs=1e-4)
+        assert float(a["psnr_frames"]) >= float(a["psnr"]) - 1e-4
     assert len(list((tmp_path / "two" / "videos").glob("*.mp4"))) == 1
 
 

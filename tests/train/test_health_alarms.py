@@ -179,10 +179,17 @@ def test_the_health_section_loads_from_overrides_and_rejects_unknown_keys():
         load_config(CONFIG, ["health.recon_windows=2.5"])
 
 
-def test_the_defaults_stay_quiet_on_the_demo_run():
-    """The demo's logged windows: the values the monitor reads from `bash launch/train.sh`'s
-    metrics.jsonl (200 steps, GAN from step 100; recorded 2026-12-01 at commit f91baca)."""
-    log = Path(__file__).parent / "data" / "demo_metrics.jsonl"
+@pytest.mark.parametrize(
+    "recording",
+    [
+        "tiny_cpu_metrics.jsonl",  # tiny_cpu.yaml: 200 steps, LFQ, GAN from step 100 (f91baca)
+        "demo_cpu_metrics.jsonl",  # the demo, demo_cpu.yaml: 400 steps, FSQ, no GAN (2026-12-02)
+    ],
+)
+def test_the_defaults_stay_quiet_on_the_demo_runs(recording):
+    """Logged windows of healthy CPU runs on the sample video (2 ranks, `bash launch/train.sh`):
+    the values the monitor reads from their metrics.jsonl."""
+    log = Path(__file__).parent / "data" / recording
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     monitor = HealthMonitor(HealthConfig())
     for row in rows:

@@ -72,6 +72,14 @@ def test_the_shipped_configs_load():
         config = load_config(CONFIG.parent / f"{name}.yaml")
         assert config.model.time_downsample_factor == 4
         assert (config.data.num_frames - 1) % 4 == 0
+    demo = load_config(CONFIG.parent / "demo_cpu.yaml")  # 9 frames -> 5 latent frames
+    assert demo.model.time_downsample_factor == 2 and demo.model.use_fsq
+    assert not demo.model.use_gan and demo.data.num_frames == 9
+    for name in ("base_128", "base_256"):  # the recipe README "Training recipe" argues for
+        config = load_config(CONFIG.parent / f"{name}.yaml")
+        assert config.model.discriminator_kind == "3d"
+        assert config.model.generator_adversarial_loss == "non_saturating"
+        assert config.losses.lecam_weight > 0 and config.losses.quantizer_anneal_steps > 0
 
 
 def test_eval_clips_are_as_long_as_training_clips_unless_set():

@@ -1,0 +1,209 @@
+"""Preemption: a stop signal on any rank ends the job at the next step boundary with a complete
+checkpoint of that step, and rerunning the same command resumes from it.
+
+The job runs as users start it, `launch/train.sh` on 2 CPU ranks under the real DeepSpeed
+launcher, in its own session, so that "every process of the job" is its process group (what
+SLURM signals on preemption and at the time limit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from trainrun import (
+    CONFIG,
+    REPO,
+    _env,
+    base_overrides,
+    checkpoints,
+    explain,
+    free_port,
+    metrics,
+    run,
+)
+
+from pipeline.checkpointing import latest_checkpoint
+from pipeline.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals
+
+
+def test_stop_requests_record_signals_and_agree_without_a_process_group():
+    stop = StopRequests()
+    stop.install()
+    try:
+        assert stop.poll(torch.device("cpu")) == (False, False)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the second one only counts
+        assert (stop.signal, stop.count) == (signal.SIGUSR1, 2)
+        assert stop.poll(torch.device("cpu")) == (True, False)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_wall_clock_saves_are_due_after_the_interval():
+    stop = StopRequests(every_minutes=0.5 / 60)  # half a second
+    assert stop.poll(torch.device("cpu")) == (False, False)
+    time.sleep(0.6)
+    assert stop.poll(torch.device("cpu")) == (False, True)
+    stop.saved()
+    assert stop.poll(torch.device("cpu")) == (False, False)
+
+
+def test_loader_workers_ignore_stop_signals():
+    """In a forked child as in a data-loader worker: both signals are ignored."""
+    pid = os.fork()
+    if pid == 0:  # the child: ignore, signal itself, survive to exit 0
+        ignore_stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+class Job:
+    """`launch/train.sh` with 2 CPU ranks in a session of its own."""
+
+    def __init__(self, output: Path, overrides: list[str]) -> None:
+        self.output = output
+        self.log = open(output.parent / f"{output.name}.log", "w")  # noqa: SIM115
+        env = _env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+        self.process = subprocess.Popen(
+            ["bash", "launch/train.sh", "--config", str(CONFIG), *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.text()
+            path = self.output / "metrics.jsonl"
+            if path.exists() and max(metrics(self.output), default=0) >= step:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"step {step} not reached:\n{self.text()}")
+
+    def wait_for_text(self, text: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.text()
+            if text in self.text():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not in the log:\n{self.text()}")
+
+    def rank_pid(self, local_rank: int) -> int:
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            command = " ".join(child.cmdline())
+            if "pipeline.train" in command and f"--local_rank={local_rank}" in command:
+                return child.pid
+        raise AssertionError(f"no rank {local_rank} among the job's processes")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.log.flush()
+
+    def everything_exited(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    def text(self) -> str:
+        self.log.flush()
+        return (self.output.parent / f"{self.output.name}.log").read_text()[-6000:]
+
+    def close(self) -> None:
+        if not self.everything_exited():
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def _overrides(output: Path, shards: Path, **extra) -> list[str]:
+    # No periodic checkpoint is due: whatever exists afterwards, the stop request wrote it.
+    values = {"num_steps": 400, "checkpoint_every": 1000, "export_on_finish": "false", **extra}
+    return base_overrides(output, shards, **values)
+
+
+def _resume_and_finish(output: Path, shards: Path, stopped_at: int) -> None:
+    job = Job(output, _overrides(output, shards, num_steps=stopped_at + 2))
+    try:
+        assert job.wait(timeout=240) == 0, job.text()
+        log = job.text()
+        assert f"at step {stopped_at}" in log and "resumed from" in log, log
+        assert f"training finished at step {stopped_at + 2}" in log, log
+    finally:
+        job.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how",
+    ["sigterm_to_all", "sigusr1_to_rank_0", "second_sigterm_during_save", "before_first_step"],
+)
+def test_a_stop_signal_saves_the_step_and_a_rerun_resumes(tmp_path, video_shards, how):
+    output = tmp_path / "run"
+    extra = {"faults.signal_group_during_stop_save": "true"} if how.startswith("second") else {}
+    job = Job(output, _overrides(output, video_shards, **extra))
+    try:
+        if how == "before_first_step":  # the ranks are up, no step has run
+            job.wait_for_text("resolved config")
+            signalled_at = 0
+        else:
+            job.wait_for_step(3)
+            signalled_at = max(metrics(output))
+        start = time.monotonic()
+        if how == "sigusr1_to_rank_0":
+            os.kill(job.rank_pid(0), signal.SIGUSR1)
+        else:
+            os.killpg(job.process.pid, signal.SIGTERM)
+        code = job.wait(timeout=60)
+        deadline = time.monotonic() + 45  # the data-loader workers follow their ranks
+        while not job.everything_exited() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seconds = time.monotonic() - start
+        assert job.everything_exited(), job.text()
+        assert seconds < 60, seconds
+        if how == "sigusr1_to_rank_0":  # the launcher passes the ranks' status on
+            assert code == PREEMPTED_EXIT_CODE, job.text()
+        else:  # its SIGTERM handler ends it with 1 after the ranks have exited
+            assert code != 0, job.text()
+        log = job.text()
+        assert "stopped at step" in log and "stop signal" in log, log
+        latest = latest_checkpoint(output / "checkpoints")
+        assert latest is not None, log
+        assert latest.step >= signalled_at, (latest.step, signalled_at)
+        assert [p.name for p in checkpoints(output)] == [latest.path.name]  # one, complete
+        assert not list((output / "checkpoints").glob(".partial-*"))
+        size = sum(f.stat().st_size for f in latest.path.rglob("*") if f.is_file())
+        print(
+            f"{how}: exit {code} {seconds:.1f} s after the signal; step {latest.step}, "
+            f"{size / 2**20:.1f} MiB"
+        )
+    finally:
+        job.close()
+    _resume_and_finish(output, video_shards, latest.step)
+
+
+def test_a_rank_that_disagrees_with_slurm_is_a_clear_error(tmp_path, video_shards):
+    command = [sys.executable, "-m", "pipeline.train", "--config", str(CONFIG)]
+    overrides = base_overrides(tmp_path / "run", video_shards)
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    result = run([*command, *overrides], RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", **slurm)
+    assert result.returncode == 2, explain(result)
+    assert "WORLD_SIZE=3 but SLURM started 2 tasks" in result.stderr
