@@ -21,7 +21,9 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -33,9 +35,11 @@ from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, froz
 GiB = 2**30
 
 
-class _FlopCount(TorchDispatchMode):
-    """FLOPs of the ops torch.utils.flop_counter has formulas for. (FlopCounterMode itself adds
-    module backward hooks, which break autograd.grad(create_graph=True) of the gradient penalty.)"""
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the ops torch.utils.flop_counter has formulas for (convolutions, matmuls,
+    attention), op by op; `with FlopCount() as c: ...` then `c.flops`. FlopCounterMode itself
+    also adds module backward hooks, which break autograd.grad(create_graph=True) of the
+    gradient penalty; the op counts are the same. (The benchmarks count with it too.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,15 +54,39 @@ class _FlopCount(TorchDispatchMode):
         return out
 
 
-class _SavedBytes:
-    """Bytes of the tensors autograd saves for backward inside the block, in total and per
-    `layers` module (the activation-checkpointing units)."""
+class _FusedAttention(TorchFunctionMode):
+    """On the meta device scaled_dot_product_attention takes the math path, which keeps the
+    (L x L) attention probabilities for backward; CPUs and GPUs run a fused kernel that keeps
+    only the output and a log-sum-exp. For the activation count, route it to the CPU fused
+    kernel's meta implementation (same saved tensors as the CUDA flash kernel's)."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, value, *rest = args
+            mask = kwargs.get("attn_mask", rest[0] if rest else None)
+            if mask is None and not kwargs.get("dropout_p", 0.0):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    query,
+                    key,
+                    value,
+                    is_causal=kwargs.get("is_causal", False),
+                    scale=kwargs.get("scale"),
+                )[0]
+        return func(*args, **kwargs)
+
+
+class _SavedBytes:
+    """Bytes of the storages autograd saves for backward inside the block (each storage once,
+    parameters' excluded: they are counted as weights), in total and per `layers` module (the
+    activation-checkpointing units)."""
+
+    def __init__(self, layers: list[nn.Module], parameters: list[torch.Tensor]) -> None:
         self.total = 0
         self.per_layer: dict[int, int] = {}
         self._current: list[int] = []
         self._layers = layers
+        self._seen = {p.untyped_storage()._cdata for p in parameters}
 
     @contextlib.contextmanager
     def counting(self):
@@ -68,11 +96,14 @@ class _SavedBytes:
             handles.append(layer.register_forward_hook(self._leave))  # returns None: output kept
 
         def pack(tensor: torch.Tensor):
-            size = tensor.numel() * tensor.element_size()
-            self.total += size
-            if self._current:
-                key = self._current[-1]
-                self.per_layer[key] = self.per_layer.get(key, 0) + size
+            storage = tensor.untyped_storage()
+            if storage._cdata not in self._seen:  # views and re-saves of one tensor: once
+                self._seen.add(storage._cdata)
+                size = storage.nbytes()
+                self.total += size
+                if self._current:
+                    key = self._current[-1]
+                    self.per_layer[key] = self.per_layer.get(key, 0) + size
             return tensor
 
         try:
@@ -177,10 +208,11 @@ def _clip(config: TrainConfig, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(batch, config.model.channels, frames, size, size, device="meta", dtype=dtype)
 
 
-def _generator_step(tokenizer, critics, video, adversarial: float):
+def _generator_step(tokenizer, critics, video, adversarial: float, backward: bool = True):
     with frozen_parameters(critics):
         loss, recon, _, _ = GeneratorObjective(tokenizer)(video, adversarial)
-        loss.backward()
+        if backward:
+            loss.backward()
     return recon
 
 
@@ -195,6 +227,10 @@ def _discriminator_step(tokenizer, critics, video, recon, penalty: bool, config:
         torch.zeros(2, device="meta"),
     )
     loss.backward()
+
+
+def _parameters(*modules: nn.Module | None) -> list[torch.Tensor]:
+    return [p for m in modules if m is not None for p in m.parameters()]
 
 
 def _count(module: nn.Module | None) -> int:
@@ -228,18 +264,24 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
     adversarial = config.model.adversarial_loss_weight if critics is not None else 0.0
     # The autocast of the trainer is not reproduced: FLOPs do not depend on it, and the saved
     # activations are counted at the training dtype of the input clip.
-    layers = list(tokenizer.encoder_layers) + list(tokenizer.decoder_layers)
-    saved = _SavedBytes(layers)
-    with _FlopCount() as flops, saved.counting():
+    with FlopCount() as flops:  # the math attention path: flop_counter has its formulas
         recon = _generator_step(tokenizer, critics, _clip(config, 1, dtype), adversarial)
     report.generator_flops_per_clip = float(flops.flops)
+    layers = list(tokenizer.encoder_layers) + list(tokenizer.decoder_layers)
+    saved = _SavedBytes(layers, _parameters(tokenizer, critics))
+    # Saved tensors are all packed in the forward. (Not the backward: autograd runs it on its
+    # own thread, outside the attention mode, and a checkpointed layer would recompute there.)
+    with _FusedAttention(), saved.counting():
+        _generator_step(tokenizer, critics, _clip(config, 1, dtype), adversarial, backward=False)
     micro = config.micro_batch_size
     activations = saved.total * micro
     largest_layer = max(saved.per_layer.values(), default=0) * micro
     if critics is not None:
         per_step = []
+        saved_critic = _SavedBytes([], _parameters(critics))
         for penalty in (False, True):
-            with _FlopCount() as flops:
+            counting = saved_critic.counting() if penalty else contextlib.nullcontext()
+            with FlopCount() as flops, counting:
                 _discriminator_step(
                     tokenizer, critics, _clip(config, 1, dtype), recon, penalty, config
                 )
@@ -247,9 +289,9 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
         every = config.losses.gradient_penalty_every
         report.discriminator_flops_per_clip = per_step[0] + (per_step[1] - per_step[0]) / every
     checkpointed, _ = _build(config, checkpointing=True, dtype=dtype)
-    saved_ckpt = _SavedBytes([])
-    with saved_ckpt.counting():
-        _generator_step(checkpointed, None, _clip(config, 1, dtype), 0.0)
+    saved_ckpt = _SavedBytes([], _parameters(checkpointed, None))
+    with _FusedAttention(), saved_ckpt.counting():
+        _generator_step(checkpointed, None, _clip(config, 1, dtype), 0.0, backward=False)
     memory: dict[str, float] = {}
     for name, count, stage in (
         ("generator", report.generator_parameters, config.zero_stage),
@@ -263,11 +305,17 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
     memory["... with activation checkpointing (saved + largest layer)"] = (
         saved_ckpt.total * micro + largest_layer
     )
+    if critics is not None:  # its step runs after the generator's: peaks do not add up
+        memory["discriminator activations per micro-batch (gradient penalty step)"] = (
+            saved_critic.total * micro
+        )
     checkpointing = config.activation_checkpointing
-    memory["total as configured"] = states + (
+    generator_peak = (
         memory["... with activation checkpointing (saved + largest layer)"]
         if checkpointing
         else activations
     )
+    critic_peak = memory.get("discriminator activations per micro-batch (gradient penalty step)", 0)
+    memory["total as configured"] = states + max(generator_peak, critic_peak)
     report.memory_bytes = memory
     return report

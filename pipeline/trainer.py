@@ -128,6 +128,10 @@ class Trainer:
     def train(self) -> None:
         config = self.config
         self.maybe_resume()
+        # What is on disk (the resumed checkpoint) or nothing worth saving (the initial
+        # weights): a stop before the first step saves nothing, and the save clock starts now.
+        self.saved_step = self.step
+        self.stop.saved()
         self.tensorboard.text("config", dump_config(config))
         if self.step == 0 and self.eval_loader is not None:
             self.evaluate()  # the baseline: what training improves on

@@ -19,6 +19,16 @@ def video_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def one_clip_shards(tmp_path_factory):
+    """A dataset of one clip (the first of bikes): every batch of every rank is that clip, so
+    2 ranks x 1 clip and 1 rank x 2 clips train on the same data."""
+    root = tmp_path_factory.mktemp("one_clip")
+    listing = root / "videos.txt"
+    listing.write_text(sample_videos()[0] + "\n")
+    return data_prep_shard(listing, root / "shards", "--num-frames", "9", "--stride", "100000")
+
+
+@pytest.fixture(scope="session")
 def image_shards(tmp_path_factory):
     """Real frames of the sample videos as PNG images, sharded for the image stage."""
     import av

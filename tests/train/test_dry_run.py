@@ -11,7 +11,7 @@ from trainrun import CONFIG, REPO, _env
 
 from model import VideoTokenizer
 from pipeline.config import load_config
-from pipeline.dry_run import _FlopCount, _generator_step, dry_run
+from pipeline.dry_run import FlopCount, _generator_step, dry_run
 
 BASE_128 = CONFIG.parent / "base_128.yaml"
 
@@ -57,7 +57,7 @@ def test_generator_flops_equal_a_real_steps():
     critics = tokenizer.detach_discriminators()
     size = config.model.image_size
     video = torch.rand(1, 3, config.data.num_frames, size, size) * 2 - 1
-    with sdpa_kernel(SDPBackend.MATH), _FlopCount() as flops:
+    with sdpa_kernel(SDPBackend.MATH), FlopCount() as flops:
         _generator_step(tokenizer, critics, video, config.model.adversarial_loss_weight)
     assert flops.flops == report.generator_flops_per_clip
 

@@ -145,7 +145,8 @@ def _resume_and_finish(output: Path, shards: Path, stopped_at: int) -> None:
     try:
         assert job.wait(timeout=240) == 0, job.text()
         log = job.text()
-        assert f"at step {stopped_at}" in log and "resumed from" in log, log
+        if stopped_at:
+            assert f"at step {stopped_at}" in log and "resumed from" in log, log
         assert f"training finished at step {stopped_at + 2}" in log, log
     finally:
         job.close()
@@ -186,6 +187,10 @@ def test_a_stop_signal_saves_the_step_and_a_rerun_resumes(tmp_path, video_shards
         log = job.text()
         assert "stopped at step" in log and "stop signal" in log, log
         latest = latest_checkpoint(output / "checkpoints")
+        if how == "before_first_step":  # nothing trained, nothing saved; a rerun starts anew
+            assert latest is None, log
+            _resume_and_finish(output, video_shards, 0)
+            return
         assert latest is not None, log
         assert latest.step >= signalled_at, (latest.step, signalled_at)
         assert [p.name for p in checkpoints(output)] == [latest.path.name]  # one, complete
@@ -207,3 +212,23 @@ def test_a_rank_that_disagrees_with_slurm_is_a_clear_error(tmp_path, video_shard
     result = run([*command, *overrides], RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", **slurm)
     assert result.returncode == 2, explain(result)
     assert "WORLD_SIZE=3 but SLURM started 2 tasks" in result.stderr
+
+
+@pytest.mark.slow
+def test_wall_clock_checkpoints_without_a_step_interval(tmp_path, video_shards):
+    """checkpoint_every_minutes saves although no step interval is due (one rank)."""
+    from trainrun import finished, single_process
+
+    output = tmp_path / "run"
+    overrides = base_overrides(
+        output,
+        video_shards,
+        num_steps=4,
+        checkpoint_every=1000,
+        keep_checkpoints=10,
+        checkpoint_every_minutes=0.0001,  # 6 ms: due at every step boundary
+    )
+    result = single_process(overrides)
+    assert finished(result), explain(result)
+    # At the boundaries after steps 1-3 (none before the first step), and the final save.
+    assert [c.name for c in checkpoints(output)] == [f"step_{s:08d}" for s in (1, 2, 3, 4)]

@@ -4,6 +4,7 @@ and Adam moments, through DeepSpeed's universal checkpoint."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from trainrun import (
     explain,
     finished,
     free_port,
+    metrics,
     run,
     single_process,
 )
@@ -104,3 +106,34 @@ def test_another_world_size_restores_master_weights_and_moments(
         moments = sum(float(s["exp_avg_sq"].abs().sum()) for s in restored[tag].values())
         assert moments > 0, tag  # trained moments, not a fresh optimizer
     assert (checkpoint / "universal" / "COMPLETE").is_file()  # kept next to the original
+
+
+@pytest.mark.slow
+def test_the_next_step_after_resharding_equals_the_continuation(tmp_path, one_clip_shards):
+    """2 ranks save at step 2 and go on; 1 rank (twice the micro-batch: the same global batch of
+    the same clip) resumes from that checkpoint. The loss of step 4 depends on step 3's Adam
+    update, i.e. on the restored moments, master weights and schedule: the two agree."""
+    common = {
+        "num_steps": 4,
+        "checkpoint_every": 2,
+        "data.flip": "false",
+        "losses.discriminator_start_step": 1000,  # the generator alone: no random frame choice
+    }
+    straight = tmp_path / "straight"
+    result = deepspeed_launch(
+        base_overrides(straight, one_clip_shards, micro_batch_size=1, **common)
+    )
+    assert finished(result), explain(result)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002"
+    )
+    result = single_process(base_overrides(resumed, one_clip_shards, micro_batch_size=2, **common))
+    assert finished(result), explain(result)
+    assert "converted to DeepSpeed's universal checkpoint" in result.stdout + result.stderr
+    a, b = metrics(straight), metrics(resumed)
+    for step in (3, 4):
+        assert b[step]["loss/generator_total"] == pytest.approx(
+            a[step]["loss/generator_total"], rel=1e-4
+        ), step
