@@ -365,3 +365,7 @@ def markdown_table(results: dict) -> str:
                 f"| {held['perplexity']:.0f} / {train['perplexity']:.0f} | | | | |"
             )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main(parse_args())
