@@ -122,6 +122,7 @@ def test_evaluate_scores_every_clip_as_a_direct_computation(clip_dataset, tmp_pa
     assert 0 < result.codebook_usage <= 1 and 1 <= result.perplexity <= model.codebook_size
     assert set(result.scalars()) == {
         "eval/psnr",
+        "eval/psnr_frames",
         "eval/ssim",
         "eval/codebook_usage",
         "eval/perplexity",
