@@ -9,7 +9,8 @@
 #   sbatch launch/train.sbatch --config launch/configs/base_256.yaml                       # SLURM
 #
 # Environment (defaults in brackets):
-#   NPROC_PER_NODE  processes per node [number of GPUs; 2 on a CPU-only machine]
+#   NPROC_PER_NODE  processes per node [number of GPUs; 2 on a CPU-only machine; with
+#                   several nodes, the hostfile's slots]
 #   NNODES, NODE_RANK  nodes and this node's rank [1, 0]; several nodes need HOSTFILE and
 #                   MASTER_ADDR and start this script once per node (no ssh between nodes)
 #   HOSTFILE        DeepSpeed hostfile ("host slots=N" per line) [none: one node]
@@ -205,7 +206,9 @@ if [ "$nnodes" -gt 1 ]; then
     fi
     # Each node starts its own ranks (no ssh or pdsh between nodes): run this script on every
     # node with its NODE_RANK, e.g. from launch/train.sbatch.
-    launcher+=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --num_gpus "$nproc")
+    launcher+=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}")
+    # The hostfile's slots set the ranks per node; NPROC_PER_NODE, where given, overrides them.
+    if [ -n "${NPROC_PER_NODE:-}" ]; then launcher+=(--num_gpus "$NPROC_PER_NODE"); fi
 elif [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     # The DeepSpeed runner drops CUDA_VISIBLE_DEVICES when --num_gpus is given: name the
     # devices instead (the first NPROC_PER_NODE of them).

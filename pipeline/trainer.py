@@ -183,10 +183,13 @@ class Trainer:
         if self.stopped:
             if self.world.rank == 0:
                 logger.warning(
-                    "stopped at step %d on a stop signal (%s); the checkpoint of that step is "
-                    "complete: rerun the same command to resume",
+                    "stopped at step %d on a stop signal (%s); %s: rerun the same command to "
+                    "resume",
                     self.step,
                     "received here" if self.stop.signal is not None else "on another rank",
+                    "the checkpoint of that step is complete"
+                    if self.step
+                    else "nothing was trained yet, nothing saved",
                 )
         elif config.export_on_finish:
             self.export()
