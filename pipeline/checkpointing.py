@@ -158,13 +158,11 @@ class Checkpointer:
         trainer_state = checkpoint.state
         saved_world = int(trainer_state["world_size"])
         resharded = saved_world != self.world.world_size
-        tags = ["generator"] + (["discriminator"] if engines.discriminator is not None else [])
-        pairs = [(engines.generator, "generator"), (engines.discriminator, "discriminator")]
-        if resharded and self._restore_universal(checkpoint, pairs[: len(tags)], saved_world):
-            resharded_optimizer = False
-        else:
-            resharded_optimizer = resharded
-            for engine, tag in pairs[: len(tags)]:
+        pairs = [(engines.generator, "generator")]
+        if engines.discriminator is not None:
+            pairs.append((engines.discriminator, "discriminator"))
+        if not (resharded and self._restore_universal(checkpoint, pairs, saved_world)):
+            for engine, tag in pairs:
                 ds.load_engine(engine, checkpoint.path, tag, module_only=resharded)
         ema_path = checkpoint.path / "ema.pt"
         ema = torch.load(ema_path, map_location="cpu") if ema_path.is_file() else None
@@ -180,7 +178,6 @@ class Checkpointer:
             "loader": per_rank.get("loader"),
             "rng": None if resharded else per_rank.get("rng"),
             "resharded": resharded,
-            "optimizer_restored": not resharded_optimizer,
         }
 
     def _restore_universal(self, checkpoint: Checkpoint, pairs: list, saved_world: int) -> bool:

@@ -423,7 +423,6 @@ class Trainer:
             return
         restored = self.checkpointer.restore(checkpoint, self.engines)
         self.step = int(restored["trainer"]["step"])
-        self.saved_step = self.step
         self.counters.update(restored["trainer"].get("counters", {}))
         lecam = restored["trainer"].get("lecam_ema")
         if lecam is not None:
