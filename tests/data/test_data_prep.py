@@ -255,8 +255,13 @@ def test_multi_node_partition(tmp_path):
     single_samples = {k: s[1] for k, s in read_samples(single).items()}
     multi_samples = {k: s[1] for k, s in read_samples(multi).items()}
     assert multi_samples.keys() == single_samples.keys()
-    # Encoding is deterministic (one x264 thread), so even the bytes agree.
-    assert all(multi_samples[k] == single_samples[k] for k in single_samples)
+    # The same clips: x264 runs on one thread, but swscale's colour conversion may take another
+    # SIMD path from one run to the next (one CI run in many saw different bytes), so the frames
+    # are compared, to within a grey level, rather than the bytes.
+    for key, payload in single_samples.items():
+        a, b = decode_all(payload).astype(np.int16), decode_all(multi_samples[key]).astype(np.int16)
+        assert a.shape == b.shape, key
+        assert np.abs(a - b).max() <= 4 and np.abs(a - b).mean() < 0.5, key
 
 
 def test_cli_errors_and_success(tmp_path, synthetic_sources):
