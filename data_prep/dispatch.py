@@ -15,15 +15,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from data_prep.shard_config import ShardConfig
 from data_prep.worker import WorkerSettings, run_worker
 from data_prep.writer import Journal, journal_path, load_progress
-
-if TYPE_CHECKING:
-    from data_prep.shard import ShardConfig
 
 logger = logging.getLogger(__name__)
 

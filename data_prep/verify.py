@@ -25,6 +25,7 @@ from data_prep.format import (
     META_KEY,
     Manifest,
     SampleMeta,
+    ShardEntry,
     parse_shard_name,
     read_manifest,
     sample_key,
@@ -135,12 +136,7 @@ def _read_shard(path: str, decode_at: set[int], report: VerifyReport, seen: Coun
 def verify(directory: str, num_decode: int = 32, seed: int = 0) -> VerifyReport:
     """Checks the dataset in ``directory`` (merging node parts first, if any)."""
     report = VerifyReport(directory)
-    journal_dir = os.path.join(directory, JOURNAL_DIR)
-    if os.path.isdir(journal_dir) and any(n.startswith("part-n") for n in os.listdir(journal_dir)):
-        try:
-            merge_parts(directory)
-        except (ValueError, OSError) as exc:
-            report.problems.append(f"cannot merge the node parts: {exc}")
+    _merge_node_parts(directory, report)
     try:
         manifest = report.manifest = read_manifest(directory)
     except ValueError as exc:
@@ -149,38 +145,63 @@ def verify(directory: str, num_decode: int = 32, seed: int = 0) -> VerifyReport:
     if not manifest.complete:
         missing = sorted(set(range(manifest.num_nodes)) - set(manifest.nodes_done))
         report.problems.append(f"the manifest lacks nodes {missing}: their runs did not finish")
-
     total = sum(s.num_samples for s in manifest.shards)
     chosen = sorted(random.Random(seed).sample(range(total), min(num_decode, total)))
     seen: Counter = Counter()
     clips_per_source: Counter = Counter()
     offset = 0
     for shard in manifest.shards:
-        path = os.path.join(directory, shard.name)
         decode_at = {i - offset for i in chosen if offset <= i < offset + shard.num_samples}
         offset += shard.num_samples
-        if not os.path.isfile(path):
-            report.problems.append(f"{shard.name}: missing")
-            continue
-        if os.path.getsize(path) != shard.bytes:
-            report.problems.append(
-                f"{shard.name}: {os.path.getsize(path)} bytes, manifest says {shard.bytes}"
-            )
-        count = 0
-        try:
-            for meta in _read_shard(path, decode_at, report, seen):
-                count += 1
-                if meta is not None:
-                    clips_per_source[meta.source] += 1
-        except (tarfile.TarError, OSError) as exc:
-            report.problems.append(f"{shard.name}: unreadable after {count} samples ({exc})")
-        report.num_samples += count
-        if count != shard.num_samples:
-            report.problems.append(
-                f"{shard.name}: {count} samples, manifest says {shard.num_samples}"
-            )
-
+        _check_shard(directory, shard, decode_at, report, seen, clips_per_source)
     report.problems += [f"{key}: in the shards {n} times" for key, n in seen.items() if n > 1]
+    _check_sources(manifest, clips_per_source, report)
+    _check_stray_shards(directory, manifest, report)
+    return report
+
+
+def _merge_node_parts(directory: str, report: VerifyReport) -> None:
+    """Rebuilds manifest.json from the node parts, where there are any."""
+    journal_dir = os.path.join(directory, JOURNAL_DIR)
+    if os.path.isdir(journal_dir) and any(n.startswith("part-n") for n in os.listdir(journal_dir)):
+        try:
+            merge_parts(directory)
+        except (ValueError, OSError) as exc:
+            report.problems.append(f"cannot merge the node parts: {exc}")
+
+
+def _check_shard(
+    directory: str,
+    shard: ShardEntry,
+    decode_at: set[int],
+    report: VerifyReport,
+    seen: Counter,
+    clips_per_source: Counter,
+) -> None:
+    """Checks one manifest shard: present, its size, its samples; counts them per source."""
+    path = os.path.join(directory, shard.name)
+    if not os.path.isfile(path):
+        report.problems.append(f"{shard.name}: missing")
+        return
+    if os.path.getsize(path) != shard.bytes:
+        report.problems.append(
+            f"{shard.name}: {os.path.getsize(path)} bytes, manifest says {shard.bytes}"
+        )
+    count = 0
+    try:
+        for meta in _read_shard(path, decode_at, report, seen):
+            count += 1
+            if meta is not None:
+                clips_per_source[meta.source] += 1
+    except (tarfile.TarError, OSError) as exc:
+        report.problems.append(f"{shard.name}: unreadable after {count} samples ({exc})")
+    report.num_samples += count
+    if count != shard.num_samples:
+        report.problems.append(f"{shard.name}: {count} samples, manifest says {shard.num_samples}")
+
+
+def _check_sources(manifest: Manifest, clips_per_source: Counter, report: VerifyReport) -> None:
+    """Each source's sample count in the shards against the manifest's, both ways."""
     for source in manifest.sources:
         if clips_per_source[source.path] != source.num_clips:
             report.problems.append(
@@ -193,10 +214,13 @@ def verify(directory: str, num_decode: int = 32, seed: int = 0) -> VerifyReport:
         for path, n in clips_per_source.items()
         if path not in listed
     ]
+
+
+def _check_stray_shards(directory: str, manifest: Manifest, report: VerifyReport) -> None:
+    """Shard files in ``directory`` that the manifest does not list."""
     named = {s.name for s in manifest.shards}
     report.problems += [
         f"{name}: a shard file the manifest does not list"
         for name in sorted(os.listdir(directory))
         if parse_shard_name(name) is not None and name not in named
     ]
-    return report

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from data_prep.clips import ClipConfig
 from data_prep.format import META_KEY, SampleMeta, read_manifest
-from data_prep.shard import RunResult, ShardConfig, run
+from data_prep.shard import RunResult, run
+from data_prep.shard_config import ShardConfig
 
 from helpers import repo_env
 
