@@ -20,23 +20,37 @@ Each layer kind carries what its causal dependence on the past needs:
   `scaled_dot_product_attention` rounds a row differently when the query or key length changes.
 
 Bit-identical also needs every convolution of a chunk to run on the kernel the whole-video call
-would pick: on CPU, PyTorch chooses oneDNN or its native kernel from the input size (its time
-length included), and the two round differently. `WholeLengthConvs` asks PyTorch which kernel
-the whole-length input would get and calls that one. On CUDA the cuDNN algorithm is chosen per
-shape too and cannot be forced, so there results agree to rounding, not bit for bit.
+would pick: on CPU, PyTorch chooses oneDNN or its native kernel from the input size, and the two
+round differently. The size rule (`ConvParams::use_mkldnn` in PyTorch's
+aten/src/ATen/native/Convolution.cpp) reads the time length in one clause only: with batch 1,
+one group and kernels at most 3 wide in space, oneDNN is picked once N*C*T*H exceeds 20480
+elements (the input's first four sizes); a batch of 2 or more gets oneDNN whatever its length.
+`onednn_picks` restates that rule from public facts (sizes, `torch.backends.mkldnn`,
+`torch.get_num_threads`). A chunk, shorter than the whole, can only differ by falling below the
+limit while the whole is above it; `WholeLengthConvs` then runs that chunk's conv through the
+public `torch.conv3d` as two overlapping time windows stacked in the batch (the first half of
+the output frames from one, the rest from the other: the kernel's reach in extra frames), or,
+for a conv with time padding, on the chunk with zero frames appended up to the limit (at most
+20480 / (N*C*H) + 1 frames, whatever the video's length), their outputs dropped. Both rest on
+oneDNN giving one output frame the same bits whatever the time length and the batch size
+(checked by tests/test_streaming.py on every test config). No private torch API is used. The
+tests also check the restated rule against the kernel the profiler sees run, so a PyTorch
+release that changes the rule fails there; chunked results would then still agree with the
+whole video's to rounding, not bit for bit. On CUDA the cuDNN algorithm is chosen per shape too
+and cannot be forced, so there results agree to rounding.
 
 Legend: b batch, c channels, t frames (of the layer's own time resolution), h/w grid.
 """
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from model.blocks import CondResidualUnit, GateLoopTime, ResidualStack, ResidualUnit
@@ -45,10 +59,9 @@ from model.layers import SpaceMixingBlock, TimeMixingBlock
 from model.norm import ChannelLayerNorm
 from model.sampling import SpatialDownsample2x, SpatialUpsample2x, TimeDownsample2x, TimeUpsample2x
 
-logger = logging.getLogger(__name__)
-
-_select_backend = getattr(torch._C, "_select_conv_backend", None)
-_Backend = getattr(torch._C, "_ConvBackend", None)
+# PyTorch's CPU convolution picks oneDNN for a batch-1 fp32 input with one group and kernels at
+# most 3 wide in space only above this many elements in the input's first four sizes (N*C*T*H).
+ONEDNN_MIN_ELEMENTS = 20480
 
 
 def _triple(value: int | tuple[int, ...] | list[int]) -> list[int]:
@@ -59,17 +72,24 @@ def _conv3d_args(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     return input, weight, bias, stride, padding, dilation, groups
 
 
-def _grouped_slow_conv3d(x: Tensor, weight: Tensor, bias, stride, padding, groups: int) -> Tensor:
-    # What PyTorch's native path does for groups > 1: one convolution per group, concatenated.
-    outs = []
-    for xg, wg, bg in zip(
-        x.chunk(groups, dim=1),
-        weight.chunk(groups, dim=0),
-        bias.chunk(groups) if bias is not None else [None] * groups,
-        strict=True,
-    ):
-        outs.append(torch._C._nn.slow_conv3d(xg, wg, list(wg.shape[2:]), bg, stride, padding))
-    return torch.cat(outs, dim=1)
+def onednn_picks(
+    shape: torch.Size | tuple[int, ...],
+    weight: Tensor,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+) -> bool:
+    """Whether PyTorch's CPU `conv3d` of a plain (strided, not oneDNN-layout) fp32 input of
+    `shape` runs on oneDNN rather than its native kernel: `ConvParams::use_mkldnn` restated."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    n, c, t, h = shape[:4]
+    kh, kw = weight.shape[-2:]
+    strided, dilated = any(s != 1 for s in stride), any(d != 1 for d in dilation)
+    # For 1x1 kernels on one thread PyTorch keeps its own kernel.
+    if not (strided or dilated or n >= 16 or kh != 1 or kw != 1 or torch.get_num_threads() > 1):
+        return False
+    return groups > 1 or (kh > 3 and kw > 3) or n > 1 or n * c * t * h > ONEDNN_MIN_ELEMENTS
 
 
 def conv3d_on_backend_for(extra_frames: int, *args, **kwargs) -> Tensor:
@@ -77,31 +97,53 @@ def conv3d_on_backend_for(extra_frames: int, *args, **kwargs) -> Tensor:
     time (the whole-video call); every output frame is then bit-identical to that call's."""
     x, weight, bias, stride, padding, dilation, groups = _conv3d_args(*args, **kwargs)
     plain = torch.conv3d
-    if _select_backend is None or x.device.type != "cpu" or isinstance(padding, str):
+    if (
+        extra_frames <= 0
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or x.layout != torch.strided
+        or isinstance(padding, str)
+    ):
         return plain(*args, **kwargs)
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
-
-    def backend(shape: torch.Size):
-        # An expanded scalar: the decision reads sizes, dtype and device, and allocates nothing.
-        probe = x.new_empty(1).expand(shape)
-        return _select_backend(
-            probe, weight, bias, stride, padding, dilation, False, [0, 0, 0], groups, None
-        )
-
-    whole_shape = torch.Size((*x.shape[:2], x.shape[2] + extra_frames, *x.shape[3:]))
-    wanted, here = backend(whole_shape), backend(x.shape)
-    if wanted == here:
+    whole_shape = (*x.shape[:2], x.shape[2] + extra_frames, *x.shape[3:])
+    # The rule is monotonic in the time length: only a whole on oneDNN and a shorter input on
+    # the native kernel differ.
+    if not onednn_picks(whole_shape, weight, stride, dilation, groups) or onednn_picks(
+        x.shape, weight, stride, dilation, groups
+    ):
         return plain(*args, **kwargs)
-    if wanted == _Backend.Mkldnn:
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    if wanted == _Backend.Slow3d:
-        if groups == 1:
-            return torch._C._nn.slow_conv3d(
-                x, weight, list(weight.shape[2:]), bias, stride, padding
-            )
-        return _grouped_slow_conv3d(x, weight, bias, stride, padding, groups)
-    logger.warning("cannot run a chunk's conv3d on %s; it may differ in the last bits", wanted)
-    return plain(*args, **kwargs)
+    if padding[0]:
+        return _on_onednn_padded(x, weight, bias, stride, padding, dilation, groups)
+    return _on_onednn_as_pair(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _on_onednn_as_pair(x: Tensor, weight: Tensor, bias, stride, padding, dilation, groups):
+    """A batch-1 conv3d without time padding, run on oneDNN (which a batch of 2 always gets) as
+    two overlapping time windows stacked in the batch: the first half of the output frames from
+    one, the rest from the other. Costs the kernel's reach in frames more than the plain call."""
+    t, step = x.shape[2], stride[0]
+    reach = dilation[0] * (weight.shape[2] - 1)
+    out_frames = (t - reach - 1) // step + 1
+    first = (out_frames + 1) // 2  # output frames from the first window (the second: the rest)
+    length = (first - 1) * step + reach + 1  # input frames of either window
+    if first * step + length > t:  # the second window runs past the end: zero frames there
+        x = F.pad(x, (0, 0, 0, 0, 0, first * step + length - t))
+    pair = torch.cat((x[:, :, :length], x[:, :, first * step : first * step + length]), dim=0)
+    out = torch.conv3d(pair, weight, bias, stride, padding, dilation, groups)
+    return torch.cat((out[:1], out[1:, :, : out_frames - first]), dim=2)
+
+
+def _on_onednn_padded(x: Tensor, weight: Tensor, bias, stride, padding, dilation, groups):
+    """A batch-1 conv3d run on oneDNN: zero frames after the input bring it over oneDNN's size
+    limit (a number of frames that does not grow with the video); their outputs are dropped."""
+    n, c, t, h = x.shape[:4]
+    frames = ONEDNN_MIN_ELEMENTS // (n * c * h) + 1
+    reach = dilation[0] * (weight.shape[2] - 1)
+    out_frames = (t + 2 * padding[0] - reach - 1) // stride[0] + 1
+    padded = F.pad(x, (0, 0, 0, 0, 0, frames - t))
+    out = torch.conv3d(padded, weight, bias, stride, padding, dilation, groups)
+    return out[:, :, :out_frames].contiguous()
 
 
 class WholeLengthConvs(TorchFunctionMode):

@@ -12,9 +12,16 @@ in the last bits (<= 2e-6); with one thread they are equal. AVX2 EPYCs were exac
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from model import chunked_layers
-from model.chunked_layers import OverlappedLayer, chunked_layer, conv3d_on_backend_for
+from model.chunked_layers import (
+    ONEDNN_MIN_ELEMENTS,
+    OverlappedLayer,
+    chunked_layer,
+    conv3d_on_backend_for,
+    onednn_picks,
+)
 from model.streaming import StreamingEncoder, chunk_bounds, decode_long, encode_long
 
 from helpers import ALL_CONDITIONED, ALL_UNCONDITIONED, randomize_, tiny_tokenizer, video
@@ -160,6 +167,71 @@ def test_naive_chunked_convs_would_differ():
         matched = torch.cat(matched, dim=2)
     assert not torch.equal(naive, whole)
     assert torch.equal(matched, whole)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, dilation, frames, time_pad",
+    [
+        ((3, 3, 3), 1, 1, 4, 0),  # two output frames: one from each window of the pair
+        ((3, 3, 3), 1, 1, 3, 0),  # one output frame: the second window lies past the end
+        ((3, 1, 1), 2, 1, 6, 0),  # the time downsampler's strided conv
+        ((3, 1, 1), 2, 1, 7, 0),
+        ((3, 3, 3), 1, 2, 7, 0),
+        ((3, 3, 3), 1, 1, 5, 1),  # time padding: zero frames appended instead
+    ],
+)
+def test_chunk_convs_run_on_the_whole_calls_kernel(kernel, stride, dilation, frames, time_pad):
+    """Every way of moving a short batch-1 chunk onto oneDNN (the whole call's kernel) gives the
+    whole call's output frames bit for bit."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 16, kernel, (stride, 1, 1), (time_pad, 0, 0), (dilation, 1, 1))
+    x = torch.randn(1, 16, 80, 18, 18)  # oneDNN for the whole, the native kernel for a chunk
+    start = 0 if time_pad else 4 * stride  # time padding: only the first chunk is comparable
+    chunk = x[:, :, start : start + frames]
+    with torch.no_grad():
+        whole = conv(x)
+        naive = conv(chunk)
+        args = (chunk, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+        matched = conv3d_on_backend_for(x.shape[2] - frames, *args)
+    assert matched.shape == naive.shape and matched.is_contiguous()
+    kept = naive.shape[2] - time_pad  # with time padding the last output reads a padded frame
+    expected = whole[:, :, start // stride : start // stride + kept]
+    assert torch.equal(matched[:, :, :kept], expected)
+
+
+def _ran_onednn(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> bool:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.conv3d(x, weight, **kwargs)
+    return "aten::mkldnn_convolution" in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_restated_kernel_rule_is_the_one_pytorch_applies(threads, monkeypatch):
+    """`onednn_picks` restates PyTorch's size rule; the profiler shows which kernel ran. A
+    PyTorch release that changes the rule fails here (chunks would then round differently)."""
+    torch.set_num_threads(threads)
+    c, h = 8, 10  # oneDNN above ONEDNN_MIN_ELEMENTS / (c * h) = 256 frames for batch 1
+    limit = ONEDNN_MIN_ELEMENTS // (c * h)
+    cases = [  # (batch, frames, kernel, stride, groups)
+        (1, limit, (3, 3, 3), 1, 1),
+        (1, limit + 1, (3, 3, 3), 1, 1),
+        (1, 4, (3, 1, 1), 2, 1),
+        (1, limit + 1, (3, 1, 1), 2, 1),
+        (1, limit + 1, (1, 1, 1), 1, 1),
+        (1, 4, (3, 3, 3), 1, 2),
+        (1, 4, (3, 5, 5), 1, 1),
+        (2, 4, (3, 3, 3), 1, 1),
+    ]
+    for batch, frames, kernel, stride, groups in cases:
+        x = torch.zeros(batch, c, frames, h, h)
+        weight = torch.zeros(c, c // groups, *kernel)
+        predicted = onednn_picks(x.shape, weight, [stride, 1, 1], [1, 1, 1], groups)
+        ran = _ran_onednn(x, weight, stride=(stride, 1, 1), groups=groups)
+        assert predicted == ran, (threads, batch, frames, kernel, stride, groups, ran)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN switched off
+    x, weight = torch.zeros(2, c, 4, h, h), torch.zeros(c, c, 3, 3, 3)
+    assert not onednn_picks(x.shape, weight, [1, 1, 1], [1, 1, 1], 1)
+    assert not _ran_onednn(x, weight)
 
 
 def test_kernel_matching_is_what_makes_one_clip_exact(monkeypatch):
