@@ -9,9 +9,9 @@ are reduced across ranks and rank 0 writes `clips.csv`, `summary.json` and `vide
 trainer calls `evaluate(...)` at its evaluation interval and logs `EvalResult.scalars()`.
 
 rFVD compares I3D features of the real and reconstructed clips, rFID InceptionV3 features of their
-frames (pipeline.video_features gives the exact conventions): each rank sums the features' float64
-moments (count, sum, sum of outer products), the sums are all-reduced and every rank computes the
-Fréchet distance (pipeline.frechet) of the two sets.
+frames (pipeline.inference.video_features gives the exact conventions): each rank sums the features'
+float64 moments (count, sum, sum of outer products), the sums are all-reduced and every rank
+computes the Fréchet distance (pipeline.inference.frechet) of the two sets.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from torch import Tensor
 
 from data_prep.format import write_json_atomic
 from model import VideoTokenizer
-from pipeline.contact_sheet import sheet_frames, write_contact_sheet
-from pipeline.data import Batch, DataConfig, ShardLoader
-from pipeline.distributed import (
+from pipeline.data.loader import Batch, DataConfig, ShardLoader
+from pipeline.distributed.collectives import (
     all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
@@ -41,16 +40,14 @@ from pipeline.distributed import (
     init_distributed,
     teardown,
 )
-from pipeline.frechet import FeatureMoments, frechet_from_moments
-from pipeline.inference import (
-    add_checkpoint_and_shards,
-    add_precision_argument,
-    inference_precision,
-    load_tokenizer,
-    resolve_precision,
-)
-from pipeline.mp4 import Mp4Writer
-from pipeline.quality import (
+from pipeline.distributed.world import World
+from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
+from pipeline.inference.contact_sheet import sheet_frames, write_contact_sheet
+from pipeline.inference.export import load_tokenizer
+from pipeline.inference.frechet import FeatureMoments, frechet_from_moments
+from pipeline.inference.mp4 import Mp4Writer
+from pipeline.inference.precision import inference_precision, resolve_precision
+from pipeline.inference.quality import (
     CodeHistogram,
     load_lpips,
     lpips_per_clip,
@@ -59,7 +56,7 @@ from pipeline.quality import (
     ssim_per_clip,
     to_unit_range,
 )
-from pipeline.video_features import (
+from pipeline.inference.video_features import (
     I3D_FEATURES,
     I3D_MIN_FRAMES,
     INCEPTION_FEATURES,
@@ -68,7 +65,6 @@ from pipeline.video_features import (
     load_i3d,
     load_inception,
 )
-from pipeline.world import World
 
 logger = logging.getLogger(__name__)
 
@@ -199,13 +195,14 @@ def evaluate(
         model: the tokenizer (under DeepSpeed, the engine's `.module`), on `device`.
         max_batches: stop each rank after this many batches (a quick check in training).
         video_writer: called on rank 0 with clips for side-by-side videos.
-        lpips_model: from `pipeline.quality.load_lpips`; None leaves LPIPS out.
+        lpips_model: from `pipeline.inference.quality.load_lpips`; None leaves LPIPS out.
         lpips_note: what to report about LPIPS (`LpipsStatus.note`).
-        precision: 'auto', 'fp32' or 'bf16' (pipeline.inference.PRECISIONS): the token
+        precision: 'auto', 'fp32' or 'bf16' (pipeline.inference.precision.PRECISIONS): the token
             export's policy, so evaluated reconstructions come from the exported codes.
-        fvd_model: the I3D from `pipeline.video_features.load_i3d`; None leaves rFVD out.
+        fvd_model: the I3D from `pipeline.inference.video_features.load_i3d`; None leaves rFVD out.
         fvd_note: what to report about rFVD when `fvd_model` is None (`FeatureNet.note`).
-        fid_model: the InceptionV3 from `pipeline.video_features.load_inception`; None leaves
+        fid_model: the InceptionV3 from `pipeline.inference.video_features.load_inception`; None
+        leaves
             rFID out.
         fid_note: what to report about rFID when `fid_model` is None.
     """
@@ -506,7 +503,3 @@ def _run(args: argparse.Namespace, world: World) -> int:
             f"rFID: {result.fid_note}; wrote {args.out}"
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(parse_args()))

@@ -25,7 +25,7 @@ from model.streaming import (
     chunk_bounds,
     inference_mode,
 )
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     Yuv420,
     clip_size,
     crop_to_square,
@@ -36,18 +36,12 @@ from pipeline.data_decode import (
     to_uint8,
     yuv420_to_rgb_uint8,
 )
-from pipeline.distributed import device_for
-from pipeline.inference import (
-    add_precision_argument,
-    file_sha256,
-    inference_precision,
-    load_tokenizer,
-    resolve_export_dir,
-    resolve_precision,
-    usable_frames,
-)
-from pipeline.mp4 import Mp4Writer
-from pipeline.world import World
+from pipeline.distributed.collectives import device_for
+from pipeline.distributed.world import World
+from pipeline.inference.arguments import add_precision_argument
+from pipeline.inference.export import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
+from pipeline.inference.mp4 import Mp4Writer
+from pipeline.inference.precision import inference_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +135,8 @@ def encode_file(
     precision: str = "fp32",
 ) -> CodesMeta:
     """Encodes a video file into a codes file, `chunk_frames` frames at a time, in `precision`
-    ('fp32' or 'bf16', as pipeline.inference resolves it; recorded in the file). Frames are
-    decoded, resized and cropped as the loader and the shard export do (LoaderFrames)."""
+    ('fp32' or 'bf16', as pipeline.inference.precision resolves it; recorded in the file). Frames
+    are decoded, resized and cropped as the loader and the shard export do (LoaderFrames)."""
     f = model.time_downsample_factor
     check_chunk_frames(chunk_frames, f)
     size = size or model.config.image_size

@@ -48,8 +48,7 @@ from data_prep.token_format import (
 from model import VideoTokenizer
 from model.pretrained import WEIGHTS_NAME
 from model.streaming import check_chunk_frames
-from pipeline.data import resolve_shards
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     Yuv420,
     clip_size,
     crop_to_square,
@@ -58,18 +57,18 @@ from pipeline.data_decode import (
     stack_clips,
     to_pixels,
 )
-from pipeline.distributed import barrier, device_for, init_distributed, new_wait_group, teardown
-from pipeline.inference import (
-    add_checkpoint_and_shards,
-    add_precision_argument,
-    file_sha256,
-    inference_precision,
-    load_tokenizer,
-    resolve_export_dir,
-    resolve_precision,
-    usable_frames,
+from pipeline.data.loader import resolve_shards
+from pipeline.distributed.collectives import (
+    barrier,
+    device_for,
+    init_distributed,
+    new_wait_group,
+    teardown,
 )
-from pipeline.world import World
+from pipeline.distributed.world import World
+from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
+from pipeline.inference.export import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
+from pipeline.inference.precision import inference_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +315,7 @@ def _manifest(output: Path, sources: list[str], record: dict, checkpoint: str) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _FILE_COMMANDS:
-        from pipeline.token_files import parse_file_args
+        from pipeline.inference.token_files import parse_file_args
 
         return parse_file_args(argv)
     parser = argparse.ArgumentParser(
@@ -356,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command != "shards":
-        from pipeline.token_files import run_file_command
+        from pipeline.inference.token_files import run_file_command
 
         return run_file_command(args)
     world = init_distributed()
@@ -367,7 +366,3 @@ def main(args: argparse.Namespace) -> int:
         return 2
     finally:
         teardown()
-
-
-if __name__ == "__main__":
-    sys.exit(main(parse_args()))

@@ -4,8 +4,8 @@
 
 Every section is a frozen dataclass; unknown keys, bad values and impossible combinations raise
 `ValueError` here, before any process group or engine exists. `model` holds the VideoTokenizer
-arguments (model.TokenizerConfig) and `data` the loader's (pipeline.data.DataConfig), except the
-fields the trainer derives (batch size, frame compression).
+arguments (model.TokenizerConfig) and `data` the loader's (pipeline.data.loader.DataConfig), except
+the fields the trainer derives (batch size, frame compression).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from model.config import TokenizerConfig
-from pipeline.data import DataConfig
-from pipeline.health import HealthConfig
+from pipeline.data.loader import DataConfig
+from pipeline.train.health import HealthConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -192,7 +192,7 @@ class TrainConfig:
     """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""
     eval_every: int = 500
     eval_batches: int = 8
-    """Batches per rank at each evaluation (pipeline.evaluate over eval_data)."""
+    """Batches per rank at each evaluation (pipeline.inference.evaluate over eval_data)."""
     eval_videos: int = 2
     """Real | reconstruction mp4s written to OUTPUT_DIR/eval/step_N/ at each evaluation."""
     eval_i3d_weights: str | None = None
@@ -216,7 +216,7 @@ class TrainConfig:
     process_group_timeout_s: float = 600.0
     """How long a collective waits for a dead rank before the job fails."""
     health: HealthConfig = field(default_factory=HealthConfig)
-    """Training health alarms (pipeline.health): warnings in the log and `health/alarm_*`
+    """Training health alarms (pipeline.train.health): warnings in the log and `health/alarm_*`
     scalars when the discriminator or the codebook collapses or the reconstruction diverges."""
     faults: FaultInjection = field(default_factory=FaultInjection)
 

@@ -29,8 +29,8 @@ from torch.utils.flop_counter import flop_registry
 
 from data_prep.format import read_manifest
 from model import VideoTokenizer
-from pipeline.config import TrainConfig
-from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.train.config import TrainConfig
+from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 
 GiB = 2**30
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.distributed import all_reduce_sum
-from pipeline.quality import CodeHistogram
+from pipeline.distributed.collectives import all_reduce_sum
+from pipeline.inference.quality import CodeHistogram
 
 logger = logging.getLogger(__name__)
 

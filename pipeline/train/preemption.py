@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from pipeline.distributed import all_reduce_max
+from pipeline.distributed.collectives import all_reduce_max
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,29 +22,34 @@ from tqdm import tqdm
 
 from model import VideoTokenizer
 from model.pretrained import save_pretrained
-from pipeline import engines as ds
-from pipeline import schedules
-from pipeline.checkpointing import Checkpointer, latest_checkpoint, module_weights, set_rng_state
-from pipeline.config import TrainConfig, dump_config
-from pipeline.data import Batch, ShardLoader
-from pipeline.distributed import (
+from pipeline.data.loader import Batch, ShardLoader
+from pipeline.distributed.collectives import (
     all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
     differentiable_mean,
     is_distributed,
 )
-from pipeline.ema import EMA
-from pipeline.evaluate import SideBySideWriter, evaluate, write_reports
-from pipeline.faults import Faults
-from pipeline.health import HealthMonitor
-from pipeline.inference import inference_precision, resolve_precision
-from pipeline.metrics import CodebookStats, TensorBoard, memory_bytes
-from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
-from pipeline.preemption import StopRequests
-from pipeline.quality import load_lpips, psnr_per_clip, to_unit_range
-from pipeline.video_features import load_i3d, load_inception
-from pipeline.world import World
+from pipeline.distributed.world import World
+from pipeline.inference.evaluate import SideBySideWriter, evaluate, write_reports
+from pipeline.inference.precision import inference_precision, resolve_precision
+from pipeline.inference.quality import load_lpips, psnr_per_clip, to_unit_range
+from pipeline.inference.video_features import load_i3d, load_inception
+from pipeline.train import engines as ds
+from pipeline.train import schedules
+from pipeline.train.callbacks import Callbacks, TrainerCallback
+from pipeline.train.checkpointing import (
+    Checkpointer,
+    latest_checkpoint,
+    module_weights,
+    set_rng_state,
+)
+from pipeline.train.config import TrainConfig, dump_config
+from pipeline.train.ema import EMA
+from pipeline.train.health import HealthMonitor
+from pipeline.train.metrics import CodebookStats, TensorBoard, memory_bytes
+from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.train.preemption import StopRequests
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +61,11 @@ class Trainer:
         world: World,
         device: torch.device,
         stop: StopRequests | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
         """`stop`: the stop requests (signals) of this process, installed by the caller before
-        anything slow starts; None records none."""
+        anything slow starts; None records none. `callbacks`: hooks into the loop (the tests'
+        fault injection), called in order."""
         self.config, self.world, self.device = config, world, device
         self.stop = stop if stop is not None else StopRequests()
         self.stop.every_s = config.checkpoint_every_minutes * 60.0
@@ -113,7 +121,7 @@ class Trainer:
             self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
         )
         self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks, device)
-        self.faults = Faults(config.faults, world.rank, self.output_dir)
+        self.callbacks = Callbacks(callbacks)
         self.step = 0
         self.counters = {"nonfinite_losses": 0}
         # LeCAM's anchors: EMAs of the rank-averaged mean (real, fake) logits, and their updates.
@@ -152,7 +160,7 @@ class Trainer:
                     self.save()
                 if stop:
                     break
-            self.faults.at_step_start(self.step)
+            self.callbacks.on_step_start(self.step)
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
             data_wait = time.perf_counter() - start
@@ -218,7 +226,7 @@ class Trainer:
         # Summed on the device, read once per step: one host sync instead of one per value.
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for batch in micro_batches:
-            video = self.faults.poison(self.step, self.to_video(batch))  # (b, c, t, h, w)
+            video = self.callbacks.on_batch(self.step, self.to_video(batch))  # (b, c, t, h, w)
             sums["data/image_batch_share"] += float(batch.kind == "image")
             if self.fixed_batch is None:
                 self.fixed_batch = video[:2].detach().float().clone()
@@ -294,7 +302,8 @@ class Trainer:
         nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
         keys = sorted(window)
         local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
-        # Host tensors: pipeline.distributed moves them to the backend's device (NCCL: CUDA).
+        # Host tensors: pipeline.distributed.collectives moves them to the backend's device (NCCL:
+        # CUDA).
         all_reduce_mean(local)
         all_reduce_max(nonfinite)
         values = dict(zip(keys, local.tolist(), strict=True))
@@ -358,8 +367,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The EMA model on the fixed training batch, and on the held-out shards through
-        `pipeline.evaluate` (PSNR, SSIM, LPIPS when available, codebook usage and perplexity;
-        clips.csv, summary.json and a few real | reconstruction mp4s under OUTPUT_DIR/eval/)."""
+        `pipeline.inference.evaluate` (PSNR, SSIM, LPIPS when available, codebook usage and
+        perplexity; clips.csv, summary.json and a few real | reconstruction mp4s under
+        OUTPUT_DIR/eval/)."""
         model = self.inference_model()
         values: dict[str, float] = {}
         if self.fixed_batch is not None:
@@ -411,7 +421,7 @@ class Trainer:
                 },
                 "health": self.health.state_dict(),
             },
-            fault_hook=self.faults.during_save(self.step, stopping=self.stopped),
+            mid_save_hook=self.callbacks.during_save(self.step, stopping=self.stopped),
         )
         self.saved_step = self.step
         self.stop.saved()

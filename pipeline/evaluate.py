@@ -1,0 +1,9 @@
+"""`python -m pipeline.evaluate --checkpoint EXPORT --shards DIR --out DIR`: evaluation on
+held-out shards (pipeline.inference.evaluate does the work; `--help` lists the options)."""
+
+import sys
+
+from pipeline.inference.evaluate import main, parse_args
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
