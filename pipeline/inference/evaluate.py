@@ -17,24 +17,21 @@ computes the Fréchet distance (pipeline.inference.frechet) of the two sets.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from data_prep.format import write_json_atomic
 from model import VideoTokenizer
 from pipeline.data.loader import Batch, DataConfig, ShardLoader
 from pipeline.distributed.collectives import (
     all_gather_objects,
-    all_reduce_max,
     all_reduce_sum,
     device_for,
     init_distributed,
@@ -42,10 +39,15 @@ from pipeline.distributed.collectives import (
 )
 from pipeline.distributed.world import World
 from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
-from pipeline.inference.contact_sheet import sheet_frames, write_contact_sheet
+from pipeline.inference.eval_reports import (
+    ClipScores,
+    EvalResult,
+    SideBySideWriter,
+    VideoWriter,
+    write_reports,
+)
 from pipeline.inference.export import load_tokenizer
-from pipeline.inference.frechet import FeatureMoments, frechet_from_moments
-from pipeline.inference.mp4 import Mp4Writer
+from pipeline.inference.frechet import FeatureSets
 from pipeline.inference.precision import inference_precision, resolve_precision
 from pipeline.inference.quality import (
     CodeHistogram,
@@ -67,109 +69,6 @@ from pipeline.inference.video_features import (
 )
 
 logger = logging.getLogger(__name__)
-
-SHEET_NAME = "contact_sheet.png"
-"""Real | reconstruction stills of the written clips, next to their videos/ folder."""
-
-VideoWriter = Callable[[str, Tensor, Tensor], None]
-"""Called as writer(key, real, recon) with (C, T, H, W) clips in [0, 1], on rank 0."""
-
-
-@dataclass(frozen=True)
-class ClipScores:
-    key: str
-    psnr: float
-    ssim: float
-    lpips: float | None
-    num_frames: int
-    psnr_frames: float
-
-
-@dataclass
-class EvalResult:
-    num_clips: int
-    psnr: float
-    """Mean over clips of the clip's PSNR (dB over all its pixels, frames in [0, 1])."""
-    psnr_frames: float
-    """Mean over clips of the mean over frames of each frame's PSNR (VidTok's convention)."""
-    ssim: float
-    lpips: float | None
-    """Mean LPIPS (AlexNet), None when unavailable (see lpips_note)."""
-    codebook_usage: float
-    """Share of codebook entries used at least once (mean over codebooks)."""
-    perplexity: float
-    """exp(entropy) of the code distribution over the whole evaluation."""
-    codebook_size: int
-    num_codebooks: int
-    clips: list[ClipScores] = field(default_factory=list)
-    """Every clip of every rank, sorted by key."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Samples the loader skipped, by reason (missing keys, undecodable, too short, ...)."""
-    lpips_note: str = ""
-    precision: str = ""
-    """The arithmetic the model ran in ('fp32' or 'bf16')."""
-    fvd: float | None = None
-    """rFVD: Fréchet distance of I3D features, real vs reconstructed; None if unavailable."""
-    fvd_note: str = ""
-    """The I3D used and the number of clips (with any warning), or why rFVD is unavailable."""
-    fid: float | None = None
-    """rFID: Fréchet distance of InceptionV3 features of every frame; None when unavailable."""
-    fid_note: str = ""
-
-    def scalars(self, prefix: str = "eval/") -> dict[str, float]:
-        """For TensorBoard: writer.add_scalar(name, value, step) for each item."""
-        values = {
-            "psnr": self.psnr,
-            "psnr_frames": self.psnr_frames,
-            "ssim": self.ssim,
-            "codebook_usage": self.codebook_usage,
-            "perplexity": self.perplexity,
-            "num_clips": float(self.num_clips),
-        }
-        if self.lpips is not None:
-            values["lpips"] = self.lpips
-        if self.fvd is not None:
-            values["rfvd"] = self.fvd
-        if self.fid is not None:
-            values["rfid"] = self.fid
-        return {prefix + k: v for k, v in values.items()}
-
-    def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "clips"}
-        out["psnr_min"] = min((c.psnr for c in self.clips), default=math.nan)
-        return out
-
-
-class SideBySideWriter:
-    """Writes the first `max_videos` clips as `DIR/<key>.mp4`, real on the left, and a PNG
-    contact sheet of them (first, middle and last frame; `sheet_path`, default
-    `DIR/../contact_sheet.png`), rewritten as each clip arrives."""
-
-    def __init__(
-        self,
-        directory: str | Path,
-        max_videos: int = 4,
-        fps: float = 8.0,
-        sheet_path: str | Path | None = None,
-    ) -> None:
-        self.directory, self.max_videos, self.fps = Path(directory), max_videos, fps
-        self.sheet_path = Path(sheet_path) if sheet_path else self.directory.parent / SHEET_NAME
-        self.written: list[Path] = []
-        self._sheet_clips: list[tuple[str, Tensor, Tensor]] = []
-
-    def __call__(self, key: str, real: Tensor, recon: Tensor) -> None:
-        if len(self.written) >= self.max_videos:
-            return
-        both = torch.cat((real, recon), dim=-1)  # (c, t, h, 2w)
-        frames = both.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
-        if frames.shape[-1] == 1:
-            frames = frames.expand(-1, -1, -1, 3)
-        with Mp4Writer(self.directory / f"{key}.mp4", self.fps) as writer:
-            writer.write(frames[..., :3].contiguous())
-        self.written.append(writer.path)
-        frames_shown = sheet_frames(real.shape[1])
-        self._sheet_clips.append((key, real[:, frames_shown], recon[:, frames_shown]))
-        write_contact_sheet(self.sheet_path, self._sheet_clips)
 
 
 def evaluate(
@@ -201,72 +100,114 @@ def evaluate(
             export's policy, so evaluated reconstructions come from the exported codes.
         fvd_model: the I3D from `pipeline.inference.video_features.load_i3d`; None leaves rFVD out.
         fvd_note: what to report about rFVD when `fvd_model` is None (`FeatureNet.note`).
-        fid_model: the InceptionV3 from `pipeline.inference.video_features.load_inception`; None
-        leaves
-            rFID out.
+        fid_model: InceptionV3 from `pipeline.inference.video_features.load_inception` or None.
         fid_note: what to report about rFID when `fid_model` is None.
     """
     precision = resolve_precision(precision, device)
+    fvd = FeatureSets(fvd_model, i3d_features, I3D_FEATURES, I3D_MIN_FRAMES, device)
+    fid = FeatureSets(fid_model, inception_features, INCEPTION_FEATURES, 1, device)
+    sums = _Sums(
+        totals=torch.zeros(5, dtype=torch.float64, device=device),
+        histogram=CodeHistogram(model.codebook_size, model.config.num_codebooks, device),
+    )
     was_training = model.training
     model.eval()
-    histogram = CodeHistogram(model.codebook_size, model.config.num_codebooks, device)
-    # psnr, ssim, lpips, clips, psnr_frames
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
-    rows: list[ClipScores] = []
-    fvd = _FeatureSets(fvd_model, i3d_features, I3D_FEATURES, I3D_MIN_FRAMES, device)
-    fid = _FeatureSets(fid_model, inception_features, INCEPTION_FEATURES, 1, device)
     try:
         with torch.no_grad():
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
-                video = batch.pixels(device)
-                if video.ndim == 4:  # images are one-frame clips
-                    video = video.unsqueeze(2)
-                with inference_precision(device, precision):
-                    output = model.reconstruct(video)
-                histogram.add(output.codes)
-                real, recon = to_unit_range(video), to_unit_range(output.recon)  # (b, c, t, h, w)
-                psnr, ssim = psnr_per_clip(real, recon), ssim_per_clip(real, recon)
-                lpips = lpips_per_clip(lpips_model, real, recon) if lpips_model else 0 * psnr
+                real, recon = _reconstruct(model, batch, device, precision, sums.histogram)
+                scores = _score(real, recon, lpips_model, sums.totals)
                 fvd.add(real, recon)
                 fid.add(real, recon)
-                psnr_frames = psnr_frame_mean(real, recon)
-                count = psnr.new_tensor(float(len(psnr)))
-                totals += torch.stack(
-                    (psnr.sum(), ssim.sum(), lpips.sum(), count, psnr_frames.sum())
-                ).double()
-                scores = zip(
-                    batch.keys,
-                    psnr.tolist(),
-                    ssim.tolist(),
-                    lpips.tolist(),
-                    psnr_frames.tolist(),
-                    strict=True,
-                )
-                for i, (key, clip_psnr, clip_ssim, clip_lpips, frames_psnr) in enumerate(scores):
-                    rows.append(
-                        ClipScores(
-                            key,
-                            clip_psnr,
-                            clip_ssim,
-                            clip_lpips if lpips_model is not None else None,
-                            num_frames=video.shape[2],
-                            psnr_frames=frames_psnr,
-                        )
-                    )
+                for i, (key, *values) in enumerate(zip(batch.keys, *scores, strict=True)):
+                    sums.rows.append(_clip_scores(key, values, lpips_model, real.shape[2]))
                     if video_writer is not None and world.rank == 0:
                         video_writer(key, real[i].cpu(), recon[i].cpu())
     finally:
         model.train(was_training)
+    fvd_result = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
+    fid_result = fid.distance(unbiased=True, note=fid_note, unit="frames")
+    lpips = (lpips_model is not None, lpips_note)
+    return _result(model, loader, device, precision, sums, lpips, fvd_result, fid_result)
+
+
+@dataclass
+class _Sums:
+    """One rank's running sums of an evaluation."""
+
+    totals: Tensor
+    """psnr, ssim, lpips, clips, psnr_frames."""
+    histogram: CodeHistogram
+    rows: list[ClipScores] = field(default_factory=list)
+
+
+def _reconstruct(
+    model: VideoTokenizer,
+    batch: Batch,
+    device: torch.device,
+    precision: str,
+    histogram: CodeHistogram,
+) -> tuple[Tensor, Tensor]:
+    """(real, reconstruction) of one batch as (b, c, t, h, w) clips in [0, 1]; its codes go to
+    `histogram`."""
+    video = batch.pixels(device)
+    if video.ndim == 4:  # images are one-frame clips
+        video = video.unsqueeze(2)
+    with inference_precision(device, precision):
+        output = model.reconstruct(video)
+    histogram.add(output.codes)
+    return to_unit_range(video), to_unit_range(output.recon)
+
+
+def _score(
+    real: Tensor, recon: Tensor, lpips_model: torch.nn.Module | None, totals: Tensor
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per-clip (psnr, ssim, lpips, frame-mean psnr) lists; their sums and the clip count are
+    added to `totals` (psnr, ssim, lpips, clips, psnr_frames)."""
+    psnr, ssim = psnr_per_clip(real, recon), ssim_per_clip(real, recon)
+    lpips = lpips_per_clip(lpips_model, real, recon) if lpips_model else 0 * psnr
+    psnr_frames = psnr_frame_mean(real, recon)
+    count = psnr.new_tensor(float(len(psnr)))
+    totals += torch.stack((psnr.sum(), ssim.sum(), lpips.sum(), count, psnr_frames.sum())).double()
+    return psnr.tolist(), ssim.tolist(), lpips.tolist(), psnr_frames.tolist()
+
+
+def _clip_scores(
+    key: str, values: list[float], lpips_model: torch.nn.Module | None, num_frames: int
+) -> ClipScores:
+    clip_psnr, clip_ssim, clip_lpips, frames_psnr = values
+    return ClipScores(
+        key,
+        clip_psnr,
+        clip_ssim,
+        clip_lpips if lpips_model is not None else None,
+        num_frames=num_frames,
+        psnr_frames=frames_psnr,
+    )
+
+
+def _result(
+    model: VideoTokenizer,
+    loader: Iterable[Batch],
+    device: torch.device,
+    precision: str,
+    sums: _Sums,
+    lpips: tuple[bool, str],
+    fvd: tuple[float | None, str],
+    fid: tuple[float | None, str],
+) -> EvalResult:
+    """Every rank's sums, counts and clips reduced into the result (collective). `lpips`: (an
+    LPIPS model was used, the note about it)."""
+    totals, histogram, rows = sums.totals, sums.histogram, sums.rows
+    (lpips_on, lpips_note) = lpips
     all_reduce_sum(totals)
     all_reduce_sum(histogram.counts)
     stats = getattr(loader, "stats", {})
     skipped = torch.tensor([stats.get(name, 0) for name in _SKIP_REASONS], device=device)
     all_reduce_sum(skipped)
     clips = sorted((c for part in all_gather_objects(rows) for c in part), key=lambda c: c.key)
-    fvd_value, fvd_note = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
-    fid_value, fid_note = fid.distance(unbiased=True, note=fid_note, unit="frames")
     num_clips = int(totals[3])
     means = (totals / max(num_clips, 1)).tolist() if num_clips else [math.nan] * 5
     return EvalResult(
@@ -274,76 +215,20 @@ def evaluate(
         psnr=means[0],
         psnr_frames=means[4],
         ssim=means[1],
-        lpips=means[2] if lpips_model is not None and num_clips else None,
+        lpips=means[2] if lpips_on and num_clips else None,
         codebook_usage=histogram.usage(),
         perplexity=histogram.perplexity(),
         codebook_size=model.codebook_size,
         num_codebooks=model.config.num_codebooks,
         clips=clips,
         skipped={k: v for k, v in zip(_SKIP_REASONS, skipped.tolist(), strict=True) if v},
-        lpips_note=lpips_note or ("computed" if lpips_model is not None else "not requested"),
+        lpips_note=lpips_note or ("computed" if lpips_on else "not requested"),
         precision=precision,
-        fvd=fvd_value,
-        fvd_note=fvd_note,
-        fid=fid_value,
-        fid_note=fid_note,
+        fvd=fvd[0],
+        fvd_note=fvd[1],
+        fid=fid[0],
+        fid_note=fid[1],
     )
-
-
-class _FeatureSets:
-    """One rank's feature moments of real and reconstructed clips for one Fréchet metric
-    (moments rather than features: O(D²) memory however many clips or frames, and one
-    all-reduce across ranks whatever each rank's count)."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module | None,
-        extract: Callable[[torch.nn.Module, Tensor], Tensor],
-        width: int,
-        min_frames: int,
-        device: torch.device,
-    ) -> None:
-        self.model, self.extract, self.min_frames = model, extract, min_frames
-        self.real = FeatureMoments(width, device)
-        self.recon = FeatureMoments(width, device)
-        self.shortest = 0  # frames of the shortest clip seen below min_frames, 0 if none
-
-    def add(self, real: Tensor, recon: Tensor) -> None:
-        """(B, C, T, H, W) clips in [0, 1]."""
-        if self.model is None:
-            return
-        frames = real.shape[2]
-        if frames < self.min_frames:
-            self.shortest = frames if not self.shortest else min(self.shortest, frames)
-            return
-        self.real.add(self.extract(self.model, real))
-        self.recon.add(self.extract(self.model, recon))
-
-    def distance(self, *, unbiased: bool, note: str, unit: str) -> tuple[float | None, str]:
-        """Collective when a model is set (every rank has one or none): the distance over every
-        rank's features and the note for the summary."""
-        if self.model is None:
-            return None, note or "not requested"
-        short = self.real.packed.new_tensor([self.shortest])
-        all_reduce_max(short)  # any too-short clip on any rank disables the metric everywhere
-        if int(short):
-            return None, (
-                f"unavailable: clips of {int(short)} frame(s); the I3D needs at least "
-                f"{self.min_frames} (pass --num-frames 17)"
-            )
-        all_reduce_sum(self.real.packed)
-        all_reduce_sum(self.recon.packed)
-        if self.real.count < 2:
-            return None, f"unavailable: {self.real.count} {unit} evaluated, at least 2 are needed"
-        result = frechet_from_moments(self.real, self.recon, unbiased=unbiased)
-        if result.warning:
-            logger.warning("Fréchet distance on %d %s: %s", result.num_real, unit, result.warning)
-        parts = [
-            note,
-            f"on {result.num_real} {unit}",
-            result.warning and f"warning: {result.warning}",
-        ]
-        return result.value, "; ".join(p for p in parts if p)
 
 
 _SKIP_REASONS = (
@@ -354,29 +239,6 @@ _SKIP_REASONS = (
     "bad_wrong_kind",
     "bad_shard",
 )
-
-
-def write_reports(result: EvalResult, out: Path, extra: dict) -> None:
-    """clips.csv (one row per clip) and summary.json, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".clips.csv.partial"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "psnr", "ssim", "lpips", "num_frames", "psnr_frames"])
-        for c in result.clips:
-            lpips = "" if c.lpips is None else f"{c.lpips:.6f}"
-            writer.writerow(
-                [
-                    c.key,
-                    f"{c.psnr:.6f}",
-                    f"{c.ssim:.6f}",
-                    lpips,
-                    c.num_frames,
-                    f"{c.psnr_frames:.6f}",
-                ]
-            )
-    tmp.replace(out / "clips.csv")
-    write_json_atomic(str(out / "summary.json"), {**result.summary(), **extra})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -455,28 +317,7 @@ def _run(args: argparse.Namespace, world: World) -> int:
         mode="eval",
         seed=0,
     )
-    loader = ShardLoader(config, world)
-    lpips = load_lpips(device, args.lpips_weights) if args.lpips == "auto" else None
-    i3d = load_i3d(device, args.i3d_weights) if args.fvd == "auto" else None
-    inception = load_inception(device, args.inception_weights) if args.fid == "auto" else None
-    writer = None
-    if world.rank == 0 and args.num_videos > 0:
-        writer = SideBySideWriter(args.out / "videos", args.num_videos)
-    result = evaluate(
-        model,
-        loader,
-        world,
-        device,
-        max_batches=args.max_batches,
-        video_writer=writer,
-        lpips_model=lpips.model if lpips else None,
-        lpips_note=lpips.note if lpips else "off (--lpips off)",
-        precision="fp32" if args.no_autocast else args.precision,
-        fvd_model=i3d.model if i3d else None,
-        fvd_note=i3d.note if i3d else "off (--fvd off)",
-        fid_model=inception.model if inception else None,
-        fid_note=inception.note if inception else "off (--fid off)",
-    )
+    result = _evaluate_with_args(args, model, ShardLoader(config, world), world, device)
     if result.num_clips == 0:
         raise ValueError(
             f"no clip could be evaluated in {args.shards} (skipped: {result.skipped or 'all'}): "
@@ -503,3 +344,34 @@ def _run(args: argparse.Namespace, world: World) -> int:
             f"rFID: {result.fid_note}; wrote {args.out}"
         )
     return 0
+
+
+def _evaluate_with_args(
+    args: argparse.Namespace,
+    model: VideoTokenizer,
+    loader: ShardLoader,
+    world: World,
+    device: torch.device,
+) -> EvalResult:
+    """`evaluate` with the networks and options the command line asks for."""
+    lpips = load_lpips(device, args.lpips_weights) if args.lpips == "auto" else None
+    i3d = load_i3d(device, args.i3d_weights) if args.fvd == "auto" else None
+    inception = load_inception(device, args.inception_weights) if args.fid == "auto" else None
+    writer = None
+    if world.rank == 0 and args.num_videos > 0:
+        writer = SideBySideWriter(args.out / "videos", args.num_videos)
+    return evaluate(
+        model,
+        loader,
+        world,
+        device,
+        max_batches=args.max_batches,
+        video_writer=writer,
+        lpips_model=lpips.model if lpips else None,
+        lpips_note=lpips.note if lpips else "off (--lpips off)",
+        precision="fp32" if args.no_autocast else args.precision,
+        fvd_model=i3d.model if i3d else None,
+        fvd_note=i3d.note if i3d else "off (--fvd off)",
+        fid_model=inception.model if inception else None,
+        fid_note=inception.note if inception else "off (--fid off)",
+    )

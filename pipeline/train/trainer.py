@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from model import VideoTokenizer
@@ -31,7 +32,8 @@ from pipeline.distributed.collectives import (
     is_distributed,
 )
 from pipeline.distributed.world import World
-from pipeline.inference.evaluate import SideBySideWriter, evaluate, write_reports
+from pipeline.inference.eval_reports import SideBySideWriter, write_reports
+from pipeline.inference.evaluate import evaluate
 from pipeline.inference.precision import inference_precision, resolve_precision
 from pipeline.inference.quality import load_lpips, psnr_per_clip, to_unit_range
 from pipeline.inference.video_features import load_i3d, load_inception
@@ -79,6 +81,47 @@ class Trainer:
         if device.type == "cuda":
             # Training shapes are static: the algorithm search pays off after the first step.
             torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
+        self.tokenizer, self.critics = self._build_models()
+        self.engines = ds.build_engines(
+            GeneratorObjective(self.tokenizer),
+            DiscriminatorObjective(self.critics, self.tokenizer.discriminator_loss)
+            if self.critics
+            else None,
+            config,
+            world,
+        )
+        self.ema = (
+            EMA(self.tokenizer, config.ema_decay, config.ema_start_step)
+            if (config.ema_decay > 0)
+            else None
+        )
+        seed = config.seed if config.deterministic else None
+        self.loader = ShardLoader(replace(config.data, seed=seed), world)
+        self.eval_loader = ShardLoader(config.eval_data, world) if config.eval_data else None
+        self.lpips, self.fvd, self.fid = self._load_metric_networks()
+        self.checkpointer = Checkpointer(
+            config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
+        )
+        self.tensorboard = TensorBoard(
+            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
+        )
+        self.codebook = CodebookStats(
+            self.tokenizer.codebook_size, config.model.num_codebooks, device
+        )
+        self.callbacks = Callbacks(callbacks)
+        self.step = 0
+        self.counters = {"nonfinite_losses": 0}
+        # LeCAM's anchors: EMAs of the rank-averaged mean (real, fake) logits, and their updates.
+        self.lecam_ema = torch.zeros(2, device=device)
+        self.lecam_updates = 0
+        # Fed the rank-averaged window means, so every rank holds the same alarms.
+        self.health = HealthMonitor(config.health)
+        self.fixed_batch: torch.Tensor | None = None
+
+    def _build_models(self) -> tuple[VideoTokenizer, nn.Module | None]:
+        """The tokenizer and its detached discriminators (None without a GAN), initialised (or
+        loaded from `init_from`) identically on every rank, on the device."""
+        config, device = self.config, self.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
         tokenizer = VideoTokenizer.from_config(model_config)
@@ -93,43 +136,18 @@ class Trainer:
         tokenizer.to(device)
         if critics is not None:
             critics.to(device)
-        self.tokenizer, self.critics = tokenizer, critics
-        self.engines = ds.build_engines(
-            GeneratorObjective(tokenizer),
-            DiscriminatorObjective(critics, tokenizer.discriminator_loss) if critics else None,
-            config,
-            world,
-        )
-        self.ema = (
-            EMA(tokenizer, config.ema_decay, config.ema_start_step)
-            if (config.ema_decay > 0)
-            else None
-        )
-        seed = config.seed if config.deterministic else None
-        self.loader = ShardLoader(replace(config.data, seed=seed), world)
-        self.eval_loader = ShardLoader(config.eval_data, world) if config.eval_data else None
+        return tokenizer, critics
+
+    def _load_metric_networks(self) -> tuple:
+        """(LPIPS, I3D, InceptionV3) statuses for evaluation; Nones without `eval_data`."""
+        config, device = self.config, self.device
         # LPIPS only when its package and AlexNet weights are on disk; the note says which.
-        self.lpips = load_lpips(device) if config.eval_data else None
+        lpips = load_lpips(device) if config.eval_data else None
         # rFVD / rFID likewise: their networks from local files, checked now, or a reason.
         evaluating = config.eval_data is not None
-        self.fvd = load_i3d(device, config.eval_i3d_weights) if evaluating else None
-        self.fid = load_inception(device, config.eval_inception_weights) if evaluating else None
-        self.checkpointer = Checkpointer(
-            config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
-        )
-        self.tensorboard = TensorBoard(
-            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
-        )
-        self.codebook = CodebookStats(tokenizer.codebook_size, config.model.num_codebooks, device)
-        self.callbacks = Callbacks(callbacks)
-        self.step = 0
-        self.counters = {"nonfinite_losses": 0}
-        # LeCAM's anchors: EMAs of the rank-averaged mean (real, fake) logits, and their updates.
-        self.lecam_ema = torch.zeros(2, device=device)
-        self.lecam_updates = 0
-        # Fed the rank-averaged window means, so every rank holds the same alarms.
-        self.health = HealthMonitor(config.health)
-        self.fixed_batch: torch.Tensor | None = None
+        fvd = load_i3d(device, config.eval_i3d_weights) if evaluating else None
+        fid = load_inception(device, config.eval_inception_weights) if evaluating else None
+        return lpips, fvd, fid
 
     # The schedule of the run.
 
@@ -161,32 +179,12 @@ class Trainer:
                 if stop:
                     break
             self.callbacks.on_step_start(self.step)
-            start = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-            data_wait = time.perf_counter() - start
-            metrics = self.train_step(micro_batches)
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update(self.tokenizer, self.step)
-            elapsed = time.perf_counter() - start
-            metrics["perf/data_wait_share"] = data_wait / elapsed
-            metrics["perf/step_time_s"] = elapsed
-            metrics["perf/clips_per_s"] = (
-                config.micro_batch_size * len(micro_batches) * (self.world.world_size) / elapsed
-            )
+            metrics, last_batch = self._timed_step(batches)
             for key, value in metrics.items():
                 window[key].append(value)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss/generator_total']:.4f}")
-            if self.step % config.log_every == 0 or self.step == config.num_steps:
-                self.log(window)
-                window.clear()
-            if config.video_log_every and self.step % config.video_log_every == 0:
-                self.log_video(micro_batches[-1])
-            if self.step % config.eval_every == 0 or self.step == config.num_steps:
-                self.evaluate()
-            if self.step % config.checkpoint_every == 0 or self.step == config.num_steps:
-                self.save()
+            self._after_step(window, last_batch)
         progress.close()
         if self.stopped:
             if self.world.rank == 0:
@@ -202,6 +200,38 @@ class Trainer:
         elif config.export_on_finish:
             self.export()
         self.tensorboard.close()
+
+    def _timed_step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], Batch]:
+        """One optimizer step on the next micro-batches: its metrics with its timings, and the
+        last micro-batch (for the video log)."""
+        config = self.config
+        start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+        data_wait = time.perf_counter() - start
+        metrics = self.train_step(micro_batches)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.tokenizer, self.step)
+        elapsed = time.perf_counter() - start
+        metrics["perf/data_wait_share"] = data_wait / elapsed
+        metrics["perf/step_time_s"] = elapsed
+        metrics["perf/clips_per_s"] = (
+            config.micro_batch_size * len(micro_batches) * (self.world.world_size) / elapsed
+        )
+        return metrics, micro_batches[-1]
+
+    def _after_step(self, window: dict[str, list[float]], last_batch: Batch) -> None:
+        """Logging, video, evaluation and checkpoint at their intervals after a step."""
+        config = self.config
+        if self.step % config.log_every == 0 or self.step == config.num_steps:
+            self.log(window)
+            window.clear()
+        if config.video_log_every and self.step % config.video_log_every == 0:
+            self.log_video(last_batch)
+        if self.step % config.eval_every == 0 or self.step == config.num_steps:
+            self.evaluate()
+        if self.step % config.checkpoint_every == 0 or self.step == config.num_steps:
+            self.save()
 
     def to_video(self, batch: Batch) -> torch.Tensor:
         pixels = batch.pixels(self.device, self.dtype)
