@@ -49,8 +49,8 @@ from pipeline.data.stages import (
     resampled_shards,
 )
 from pipeline.data.tar_stream import tar_samples
+from pipeline.distributed.signals import ignore_stop_signals
 from pipeline.distributed.world import World
-from pipeline.train.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
