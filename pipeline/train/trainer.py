@@ -22,34 +22,19 @@ from torch import nn
 from tqdm import tqdm
 
 from model import VideoTokenizer
-from model.pretrained import save_pretrained
 from pipeline.data.loader import Batch, ShardLoader
-from pipeline.distributed.collectives import (
-    all_reduce_max,
-    all_reduce_mean,
-    all_reduce_sum,
-    differentiable_mean,
-    is_distributed,
-)
+from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
 from pipeline.distributed.world import World
-from pipeline.inference.eval_reports import SideBySideWriter, write_reports
-from pipeline.inference.evaluate import evaluate
-from pipeline.inference.precision import inference_precision, resolve_precision
-from pipeline.inference.quality import load_lpips, psnr_per_clip, to_unit_range
+from pipeline.inference.quality import load_lpips
 from pipeline.inference.video_features import load_i3d, load_inception
+from pipeline.train import checkpoint_flow, reporting, schedules
 from pipeline.train import engines as ds
-from pipeline.train import schedules
 from pipeline.train.callbacks import Callbacks, TrainerCallback
-from pipeline.train.checkpointing import (
-    Checkpointer,
-    latest_checkpoint,
-    module_weights,
-    set_rng_state,
-)
+from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.config import TrainConfig, dump_config
 from pipeline.train.ema import EMA
 from pipeline.train.health import HealthMonitor
-from pipeline.train.metrics import CodebookStats, TensorBoard, memory_bytes
+from pipeline.train.metrics import CodebookStats, TensorBoard
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.train.preemption import StopRequests
 
@@ -129,7 +114,9 @@ class Trainer:
         if tokenizer.perceptual is not None:
             tokenizer.perceptual.load()  # missing VGG weights: fail now, not at step 1
         if config.init_from:
-            self._init_from(Path(config.init_from), tokenizer, critics)
+            checkpoint_flow.load_initial_weights(
+                Path(config.init_from), tokenizer, critics, self.world.rank
+            )
         if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
             # LFQ's batch code distribution over all ranks, as the batch entropy is defined.
             tokenizer.quantizer.batch_probs_reducer = differentiable_mean
@@ -329,44 +316,7 @@ class Trainer:
 
     def log(self, window: dict[str, list[float]]) -> None:
         """Window means, averaged across ranks (a collective), to TensorBoard on rank 0."""
-        nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
-        keys = sorted(window)
-        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
-        # Host tensors: pipeline.distributed.collectives moves them to the backend's device (NCCL:
-        # CUDA).
-        all_reduce_mean(local)
-        all_reduce_max(nonfinite)
-        values = dict(zip(keys, local.tolist(), strict=True))
-        self.counters["nonfinite_losses"] += int((nonfinite > 0).sum())  # steps, on any rank
-        engines = self.engines
-        values["lr/generator"] = float(engines.generator.get_lr()[0])
-        values["grad_norm/generator"] = ds.global_grad_norm(engines.generator)
-        if engines.discriminator is not None:
-            values["lr/discriminator"] = float(engines.discriminator.get_lr()[0])
-            values["grad_norm/discriminator"] = ds.global_grad_norm(engines.discriminator)
-        if self.step % self.config.codebook_stats_window == 0 or self.step == self.config.num_steps:
-            values.update(self.codebook.read_and_reset())
-        values["perf/memory_gib"] = memory_bytes(self.device) / 2**30
-        values["health/nonfinite_losses_total"] = float(self.counters["nonfinite_losses"])
-        values["health/skipped_updates_total"] = float(
-            sum(ds.skipped_steps(e) for e in (engines.generator, engines.discriminator) if e)
-        )
-        values.update({f"data/{k}": float(v) for k, v in self.loader.stats.items()})
-        health = self.health.update(self.step, values)
-        values.update(health.scalars)
-        self.tensorboard.scalars(values, self.step)
-        if self.world.rank == 0:
-            for event in health.events:
-                logger.warning(event.message())
-            logger.info(
-                "step %d: %s",
-                self.step,
-                ", ".join(
-                    f"{k}={v:.4g}"
-                    for k, v in values.items()
-                    if k.startswith("loss/") and v is not None
-                ),
-            )
+        reporting.log(self, window)
 
     def log_video(self, batch: Batch) -> None:
         if self.world.rank != 0:
@@ -379,131 +329,24 @@ class Trainer:
 
     def inference_model(self) -> VideoTokenizer:
         """A fp32 copy of the generator with the EMA weights (or the current ones)."""
-        config = replace(
-            self.config.model,
-            use_gan=False,
-            perceptual_loss_weight=0.0,
-            discriminator=None,
-            gradient_checkpointing=False,
-        )
-        with torch.random.fork_rng(devices=[]):  # initialisation must not shift the run's RNG
-            model = VideoTokenizer.from_config(config).to(self.device)
-        state = self.ema.state_dict_for(self.tokenizer) if self.ema else self.tokenizer.state_dict()
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        )
-        return model.eval()
+        return reporting.inference_model(self)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The EMA model on the fixed training batch, and on the held-out shards through
-        `pipeline.inference.evaluate` (PSNR, SSIM, LPIPS when available, codebook usage and
-        perplexity; clips.csv, summary.json and a few real | reconstruction mp4s under
-        OUTPUT_DIR/eval/)."""
-        model = self.inference_model()
-        values: dict[str, float] = {}
-        if self.fixed_batch is not None:
-            real = to_unit_range(self.fixed_batch)
-            with inference_precision(self.device, resolve_precision("auto", self.device)):
-                recon = to_unit_range(model(self.fixed_batch))
-            fixed = torch.stack(
-                (psnr_per_clip(real, recon).mean().double(), real.new_ones((), dtype=torch.float64))
-            )
-            all_reduce_sum(fixed)  # every rank has its own fixed batch
-            values["eval/psnr_fixed_batch"] = float(fixed[0] / fixed[1])
-        if self.eval_loader is not None:
-            folder = self.output_dir / "eval" / f"step_{self.step:08d}"
-            writer = SideBySideWriter(folder / "videos", self.config.eval_videos)
-            result = evaluate(
-                model,
-                self.eval_loader,
-                self.world,
-                self.device,
-                max_batches=self.config.eval_batches,
-                video_writer=writer if self.config.eval_videos else None,
-                lpips_model=self.lpips.model,
-                lpips_note=self.lpips.note,
-                fvd_model=self.fvd.model,
-                fvd_note=self.fvd.note,
-                fid_model=self.fid.model,
-                fid_note=self.fid.note,
-            )
-            values.update(result.scalars())
-            if self.world.rank == 0:
-                write_reports(result, folder, {"step": self.step})
-        self.tensorboard.scalars(values, self.step)
-        return values
+        """The EMA model on the fixed training batch and the held-out shards
+        (pipeline.train.reporting.evaluate_run)."""
+        return reporting.evaluate_run(self)
 
     # Checkpoints and exports.
 
     def save(self) -> None:
-        self.checkpointer.save(
-            self.step,
-            self.engines,
-            self.ema.state_dict() if self.ema else None,
-            self.loader.state_dict(),
-            {
-                "counters": self.counters,
-                "lecam_ema": {
-                    "real_logits": float(self.lecam_ema[0]),
-                    "fake_logits": float(self.lecam_ema[1]),
-                    "updates": self.lecam_updates,
-                },
-                "health": self.health.state_dict(),
-            },
-            mid_save_hook=self.callbacks.during_save(self.step, stopping=self.stopped),
-        )
-        self.saved_step = self.step
-        self.stop.saved()
-        self.tensorboard.flush()
+        checkpoint_flow.save(self)
 
     def maybe_resume(self) -> None:
-        checkpoint = latest_checkpoint(self.config.checkpoint_dir)
-        if checkpoint is None:
-            return
-        restored = self.checkpointer.restore(checkpoint, self.engines)
-        self.step = int(restored["trainer"]["step"])
-        self.counters.update(restored["trainer"].get("counters", {}))
-        lecam = restored["trainer"].get("lecam_ema")
-        if lecam is not None:
-            values = (lecam["real_logits"], lecam["fake_logits"])
-            self.lecam_ema.copy_(torch.tensor(values, dtype=torch.float32))
-            self.lecam_updates = int(lecam["updates"])
-        if "health" in restored["trainer"]:
-            self.health.load_state_dict(restored["trainer"]["health"])
-        if self.ema is not None and restored["ema"] is not None:
-            self.ema.load_state_dict(restored["ema"])
-        if restored["loader"] is not None:
-            self.loader.load_state_dict(restored["loader"])
-        if restored["rng"] is not None:
-            set_rng_state(restored["rng"])
-        if self.world.rank == 0:
-            logger.info("resumed from %s at step %d", checkpoint.path, self.step)
+        checkpoint_flow.resume(self)
 
     def export(self) -> Path | None:
         """The EMA generator as safetensors + config JSON, loadable without DeepSpeed."""
-        if self.world.rank != 0:
-            return None
-        state = self.ema.state_dict_for(self.tokenizer) if self.ema else None
-        path = save_pretrained(
-            self.tokenizer,
-            self.output_dir / "export",
-            state_dict=state,
-            metadata={"step": self.step, "ema": self.ema is not None},
-        )
-        logger.info("exported the %s generator to %s", "EMA" if self.ema else "final", path)
-        return path
-
-    def _init_from(self, source: Path, tokenizer: VideoTokenizer, critics) -> None:
-        generator, discriminator = module_weights(source)
-        generator = {k.removeprefix("tokenizer."): v for k, v in generator.items()}
-        tokenizer.load_state_dict(generator)
-        if critics is not None and discriminator is not None:
-            critics.load_state_dict(
-                {k.removeprefix("critics."): v for k, v in discriminator.items()}
-            )
-        if self.world.rank == 0:
-            logger.info("initialised weights from %s (fresh optimizer state)", source)
+        return checkpoint_flow.export(self)
 
 
 def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
