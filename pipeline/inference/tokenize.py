@@ -156,6 +156,10 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+Pending = list[tuple[str, SampleMeta, torch.Tensor | Yuv420]]
+"""Clips of one size waiting to be encoded as one batch: (key, metadata, frames)."""
+
+
 def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardEntry:
     """Writes the token shard of one clip shard; returns its record (also written to disk)."""
     name = token_shard_name(source)
@@ -166,33 +170,7 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
         open(partial, "wb") as file,
         tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        pending: list[tuple[str, SampleMeta, torch.Tensor | Yuv420]] = []
-
-        def flush() -> None:
-            nonlocal num_samples
-            if not pending:
-                return
-            codes = encoder.encode([frames for _, _, frames in pending])
-            for (key, meta, frames), array in zip(pending, codes, strict=True):
-                num_frames, height, width = clip_size(frames)
-                token_meta = TokenMeta(
-                    source=dataclasses.asdict(meta),
-                    source_shard=Path(source).name,
-                    num_frames=num_frames,
-                    frame_height=height,
-                    frame_width=width,
-                    shape=list(array.shape),
-                    dtype=str(array.dtype),
-                    codebook_size=encoder.model.codebook_size,
-                    num_codebooks=encoder.model.config.num_codebooks,
-                )
-                buffer = io.BytesIO()
-                np.save(buffer, array)
-                _tar_add(tar, f"{key}.{CODES_KEY}", buffer.getvalue())
-                _tar_add(tar, f"{key}.{META_KEY}", token_meta.to_json())
-                num_samples += 1
-            pending.clear()
-
+        pending: Pending = []
         for key, meta, payload in read_clip_samples(source):
             try:
                 frames = encoder.frames(meta, payload)
@@ -201,11 +179,11 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
                 logger.warning("%s: skipping %s: %s", source, key, exc)
                 continue
             if pending and clip_size(frames) != clip_size(pending[0][2]):
-                flush()
+                num_samples += _write_batch(tar, source, encoder, pending)
             pending.append((key, meta, frames))
             if len(pending) >= encoder.settings.batch_size:
-                flush()
-        flush()
+                num_samples += _write_batch(tar, source, encoder, pending)
+        num_samples += _write_batch(tar, source, encoder, pending)
     entry = TokenShardEntry(
         name=name,
         source_shard=source,
@@ -213,12 +191,45 @@ def export_shard(source: str, output: Path, encoder: ClipEncoder) -> TokenShardE
         bytes=partial.stat().st_size,
         skipped=skipped,
     )
+    _publish(partial, output, entry)
+    return entry
+
+
+def _write_batch(tar: tarfile.TarFile, source: str, encoder: ClipEncoder, pending: Pending) -> int:
+    """Encodes the pending clips as one batch, adds their codes and metadata to the shard and
+    empties `pending`; returns how many were written."""
+    if not pending:
+        return 0
+    codes = encoder.encode([frames for _, _, frames in pending])
+    for (key, meta, frames), array in zip(pending, codes, strict=True):
+        num_frames, height, width = clip_size(frames)
+        token_meta = TokenMeta(
+            source=dataclasses.asdict(meta),
+            source_shard=Path(source).name,
+            num_frames=num_frames,
+            frame_height=height,
+            frame_width=width,
+            shape=list(array.shape),
+            dtype=str(array.dtype),
+            codebook_size=encoder.model.codebook_size,
+            num_codebooks=encoder.model.config.num_codebooks,
+        )
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        _tar_add(tar, f"{key}.{CODES_KEY}", buffer.getvalue())
+        _tar_add(tar, f"{key}.{META_KEY}", token_meta.to_json())
+    written = len(pending)
+    pending.clear()
+    return written
+
+
+def _publish(partial: Path, output: Path, entry: TokenShardEntry) -> None:
+    """The written shard, synced, under its final name; its record first, so a final-named
+    shard always has one."""
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
-    # The record first: a final-named shard always has one.
-    write_json_atomic(str(output / RECORDS_DIR / f"{name}.json"), dataclasses.asdict(entry))
-    partial.replace(output / name)
-    return entry
+    write_json_atomic(str(output / RECORDS_DIR / f"{entry.name}.json"), dataclasses.asdict(entry))
+    partial.replace(output / entry.name)
 
 
 def _check_settings(output: Path, settings: dict, world: World) -> None:
