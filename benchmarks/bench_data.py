@@ -46,9 +46,9 @@ import torch  # noqa: E402
 
 from data_prep.format import read_manifest  # noqa: E402
 from data_prep.shard import available_cpus  # noqa: E402
-from pipeline.data import Batch, DataConfig, ShardLoader  # noqa: E402
-from pipeline.data_decode import Yuv420  # noqa: E402
-from pipeline.world import World  # noqa: E402
+from pipeline.data.decode import Yuv420  # noqa: E402
+from pipeline.data.loader import Batch, DataConfig, ShardLoader  # noqa: E402
+from pipeline.distributed.world import World  # noqa: E402
 
 NUM_FRAMES, SIZE = 17, 128
 

@@ -49,8 +49,8 @@ from devices import machine_info, resolve_device, synchronize  # noqa: E402
 from flop_count import FlopCount  # noqa: E402
 from report import write_report  # noqa: E402
 
-from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.world import World  # noqa: E402
+from pipeline.distributed.world import World  # noqa: E402
+from pipeline.train.config import TrainConfig, load_config  # noqa: E402
 
 DENSE_BF16_PEAK = (
     # (a substring of torch.cuda.get_device_name(), dense bf16 tensor FLOP/s); first match wins.
@@ -272,9 +272,9 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def measure(args, config: TrainConfig, device, overrides, shard_info, vgg_note) -> dict:
-    from pipeline import engines
-    from pipeline.distributed import device_for, teardown
-    from pipeline.trainer import Trainer
+    from pipeline.distributed.collectives import device_for, teardown
+    from pipeline.train import engines
+    from pipeline.train.trainer import Trainer
 
     world = World.from_env()
     device = device_for(world, config.device)  # cuda:LOCAL_RANK, made the current device

@@ -43,7 +43,7 @@ import bench_train  # noqa: E402
 from devices import machine_info  # noqa: E402
 from report import write_report  # noqa: E402
 
-from pipeline.quality import CodeHistogram, psnr_per_clip, ssim_per_clip, to_unit_range  # noqa: E402
+from pipeline.inference.quality import CodeHistogram, psnr_per_clip, ssim_per_clip, to_unit_range  # noqa: E402
 
 RECOMMENDED = {
     "lecam": {"losses.lecam_weight": 0.005},
@@ -214,10 +214,10 @@ def run_ours(
 def _our_trainer(shards: str, train, work: Path, overrides: dict):
     """bench_train's trainer config (the reference's recipe) with `overrides` ({'losses.x': v})
     merged into its sections."""
-    from pipeline import engines
-    from pipeline.config import config_from_dict
-    from pipeline.trainer import Trainer
-    from pipeline.world import World
+    from pipeline.distributed.world import World
+    from pipeline.train import engines
+    from pipeline.train.config import config_from_dict
+    from pipeline.train.trainer import Trainer
 
     values = bench_train.train_config(shards, str(work), device="cpu")
     raw = {

@@ -12,7 +12,7 @@ trainer does it: the reference's `train_step` (accelerate, fp32), ours `Trainer.
 
 ZeRO: 2 CPU ranks (torchrun, gloo); per rank, the bytes the generator engine's optimizer holds
 after one step: Adam moments, plus the fp32 master partition ZeRO 1/2 keep (in fp32 training
-too). Stage 0 is measured here although training refuses it (see pipeline/config.py).
+too). Stage 0 is measured here although training refuses it (see pipeline/train/config.py).
 
 Memory: the trainer's peak RSS over 3 iterations above the RSS before the first, with and
 without activation checkpointing, each in a fresh process.
@@ -61,10 +61,10 @@ from devices import (  # noqa: E402
 from reference_card import CARD_LAYERS  # noqa: E402
 from report import write_report  # noqa: E402
 
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.data import Batch, DataConfig, ShardLoader  # noqa: E402
-from pipeline.distributed import teardown  # noqa: E402
-from pipeline.world import World  # noqa: E402
+from pipeline.data.loader import Batch, DataConfig, ShardLoader  # noqa: E402
+from pipeline.distributed.collectives import teardown  # noqa: E402
+from pipeline.distributed.world import World  # noqa: E402
+from pipeline.train.config import config_from_dict  # noqa: E402
 
 SIZE, FRAMES, BATCH, LR = 64, 9, 2, 1e-4
 
@@ -208,8 +208,8 @@ def _cycle(loader):
 def our_trainer(
     shards: str, batches: list[Batch], work: Path, device: torch.device, precision: str, **extra
 ):
-    from pipeline import engines
-    from pipeline.trainer import Trainer
+    from pipeline.train import engines
+    from pipeline.train.trainer import Trainer
 
     config = train_config(shards, str(work / "ours"), precision, device=device.type, **extra)
     world = World.from_env()
@@ -259,9 +259,9 @@ def zero_worker(args: argparse.Namespace) -> None:
     import deepspeed
 
     from model import VideoTokenizer
-    from pipeline import engines
-    from pipeline.distributed import all_gather_tensors, barrier
-    from pipeline.objectives import GeneratorObjective
+    from pipeline.distributed.collectives import all_gather_tensors, barrier
+    from pipeline.train import engines
+    from pipeline.train.objectives import GeneratorObjective
 
     world = World.from_env()
     engines.init_deepspeed_distributed(world, 600)

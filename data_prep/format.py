@@ -1,7 +1,8 @@
 """The one definition of the on-disk dataset: shard samples, shard names and the manifest.
 
-Everything that writes shards (``data_prep``) and everything that reads them (``pipeline.data``,
-``data_prep.verify``) imports this module; nothing else spells a key or a field name.
+Everything that writes shards (``data_prep``) and everything that reads them
+(``pipeline.data.loader``, ``data_prep.verify``) imports this module; nothing else spells a key or a
+field name.
 
 A dataset folder holds WebDataset tar shards and ``manifest.json``::
 
@@ -17,7 +18,7 @@ re-encoded images, and the source's own extension in passthrough mode.
 Decoded samples (the loader's contract with the trainer):
 
 - a video clip is ``(C, T, H, W)`` uint8 across the data-loader worker boundary; batches are
-  ``(B, C, T, H, W)`` (the loader keeps the bytes channels-last, see ``pipeline.data_decode``);
+  ``(B, C, T, H, W)`` (the loader keeps the bytes channels-last, see ``pipeline.data.decode``);
 - an image is ``(C, H, W)`` uint8, batches ``(B, C, H, W)``;
 - on the training side pixels are float in ``[-1, 1]`` (``x / 127.5 - 1``).
 """

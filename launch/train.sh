@@ -156,7 +156,7 @@ per_rank=0
 if [ -n "${RANK:-}" ] && [ -n "${LOCAL_RANK:-}" ]; then
     per_rank=1
 elif [ -n "${SLURM_PROCID:-}" ] && [ -z "${NODE_RANK:-}" ] && [ "$slurm_tasks" -gt "$slurm_nodes" ]; then
-    per_rank=1  # pipeline.world reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the node list
+    per_rank=1  # pipeline.distributed.world reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the node list
 fi
 if [ "$per_rank" = 1 ]; then
     if [ "${ALLOW_CPU_ON_GPU_NODE:-}" != 1 ] && gpus_visible; then

@@ -81,7 +81,8 @@ def repo_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-# A stand-in for StyleGAN-V's TorchScript I3D (pipeline.video_features), for the rFVD tests.
+# A stand-in for StyleGAN-V's TorchScript I3D (pipeline.inference.video_features), for the rFVD
+# tests.
 class StandInI3D(torch.nn.Module):
     """Random weights with the TorchScript I3D's interface: forward(x, rescale, resize,
     return_features) on (N, 3, T, 224, 224) in [-1, 1] -> (N, 400); fails below 9 frames."""

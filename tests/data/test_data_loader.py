@@ -1,4 +1,4 @@
-"""pipeline.data: rank/worker splits, resampling, bad shards and samples, mixed batches."""
+"""pipeline.data.loader: rank/worker splits, resampling, bad shards and samples, mixed batches."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from media import pattern_frames, read_samples, shard, write_video
 
 from data_prep.format import SampleMeta
-from pipeline.data import DataConfig, ShardLoader, resolve_shards
-from pipeline.world import World
+from pipeline.data.loader import DataConfig, ShardLoader, resolve_shards
+from pipeline.distributed.world import World
 
 
 def _config(shards, **overrides) -> DataConfig:
@@ -223,7 +223,7 @@ def test_window_decoding_seeks_to_the_right_frames(tmp_path, backend):
 
     from media import decode_all
 
-    from pipeline.data_decode import decode_window
+    from pipeline.data.decode import decode_window
 
     frames = pattern_frames(60, 64, 48)
     path = str(tmp_path / "long.mp4")

@@ -29,9 +29,9 @@ from data_prep.format import parse_shard_name, read_manifest, sample_key, shard_
 from data_prep.inputs import list_inputs, node_from_env, node_of, read_path_list
 from data_prep.verify import verify
 from data_prep.video_io import resized_size
-from pipeline.data import DataConfig, ShardLoader
-from pipeline.data_decode import to_uint8
-from pipeline.world import World
+from pipeline.data.decode import to_uint8
+from pipeline.data.loader import DataConfig, ShardLoader
+from pipeline.distributed.world import World
 
 from helpers import repo_env
 

@@ -1,5 +1,6 @@
-"""pipeline.data seeding and checkpointable state: distinct per rank/worker/epoch, deterministic
-for a fixed seed, and a resumed run continues with fresh samples instead of replaying."""
+"""pipeline.data.loader seeding and checkpointable state: distinct per rank/worker/epoch,
+deterministic for a fixed seed, and a resumed run continues with fresh samples instead of
+replaying."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 
 import torch
 
-from pipeline.data import DataConfig, ShardLoader
-from pipeline.data_stages import reader_seed
-from pipeline.world import World
+from pipeline.data.loader import DataConfig, ShardLoader
+from pipeline.data.stages import reader_seed
+from pipeline.distributed.world import World
 
 
 def _config(dataset: str, **overrides) -> DataConfig:

@@ -12,16 +12,16 @@ import pytest
 import torch
 from media import pattern_frames, psnr, real_videos, write_video
 
-from pipeline.data import Batch
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     Yuv420,
     crop_to_square,
     decode_window,
     yuv420_to_rgb,
     yuv420_to_rgb_uint8,
 )
-from pipeline.data_stages import WorkerStats, collate
-from pipeline.world import World
+from pipeline.data.loader import Batch
+from pipeline.data.stages import WorkerStats, collate
+from pipeline.distributed.world import World
 
 
 def _payload(tmp_path, frames: np.ndarray) -> bytes:

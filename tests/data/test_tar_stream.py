@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from pipeline.tar_stream import TarStreamError, tar_members, tar_samples
+from pipeline.data.tar_stream import TarStreamError, tar_members, tar_samples
 
 
 def _tar(fmt: int, members: list[tuple[str, bytes]], extra=None) -> bytes:

@@ -4,15 +4,15 @@
     python tests/gpu/forced_collectives.py --report R.json selftest
 
 NCCL refuses two ranks on one GPU, so a single GPU can only form a one-rank group. Collectives
-of pipeline.distributed run in any process group, but what is decided by the number of ranks
-(`is_distributed()`: the LFQ batch-distribution reducer) would still take its one-rank path.
+of pipeline.distributed.collectives run in any process group, but what is decided by the number of
+ranks (`is_distributed()`: the LFQ batch-distribution reducer) would still take its one-rank path.
 This driver makes `is_distributed()` true whenever a process group exists, counts every
 collective by the module that issued it and the devices of its tensors (a CPU tensor handed to
 NCCL is the crash to catch), and writes that to the report (on every exit).
 
-`train` runs `pipeline.train.main`; `selftest` checks pipeline.distributed's collectives, the
-codebook statistics and the code histogram on CPU and CUDA tensors. Run with RANK=0 WORLD_SIZE=1
-LOCAL_RANK=0 MASTER_ADDR MASTER_PORT set (gpurun.one_rank_env).
+`train` runs `pipeline.train.main`; `selftest` checks pipeline.distributed.collectives's
+collectives, the codebook statistics and the code histogram on CPU and CUDA tensors. Run with RANK=0
+WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR MASTER_PORT set (gpurun.one_rank_env).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import torch.distributed as dist  # noqa: E402
 
 # Every module that imports `is_distributed` by name, imported before it is replaced.
 _PIPELINE_MODULES = (
-    "pipeline.distributed",
-    "pipeline.metrics",
-    "pipeline.quality",
-    "pipeline.checkpointing",
-    "pipeline.evaluate",
-    "pipeline.trainer",
-    "pipeline.train",
+    "pipeline.distributed.collectives",
+    "pipeline.train.metrics",
+    "pipeline.inference.quality",
+    "pipeline.train.checkpointing",
+    "pipeline.inference.evaluate",
+    "pipeline.train.trainer",
+    "pipeline.train.cli",
 )
 _COLLECTIVES = (
     "all_reduce",
@@ -77,7 +77,7 @@ def force_collectives() -> None:
     """`is_distributed()` true whenever a process group exists; every collective counted."""
     for name in _PIPELINE_MODULES:
         importlib.import_module(name)
-    original = sys.modules["pipeline.distributed"].is_distributed
+    original = sys.modules["pipeline.distributed.collectives"].is_distributed
 
     def forced() -> bool:
         return dist.is_available() and dist.is_initialized()
@@ -93,10 +93,10 @@ def force_collectives() -> None:
 
 def selftest(failures: list[str]) -> None:
     """Each check on its own, so that one report lists every failure."""
-    from pipeline import distributed
-    from pipeline.metrics import CodebookStats
-    from pipeline.quality import CodeHistogram
-    from pipeline.world import World
+    from pipeline.distributed import collectives as distributed
+    from pipeline.distributed.world import World
+    from pipeline.inference.quality import CodeHistogram
+    from pipeline.train.metrics import CodebookStats
 
     device = distributed.device_for(World.from_env())
     dist.init_process_group(distributed.default_backend(), rank=0, world_size=1)
@@ -170,8 +170,8 @@ def main() -> int:
     try:
         force_collectives()
         if args.command == "train":
-            from pipeline.train import main as train_main
-            from pipeline.train import parse_args
+            from pipeline.train.cli import main as train_main
+            from pipeline.train.cli import parse_args
 
             code = train_main(parse_args(rest))
         else:

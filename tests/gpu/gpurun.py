@@ -60,7 +60,8 @@ def train_on_gpu(
 
 
 def collectives_selftest(report: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """pipeline.distributed's collectives on a one-rank NCCL group, CPU and CUDA tensors."""
+    """pipeline.distributed.collectives's collectives on a one-rank NCCL group, CPU and CUDA
+    tensors."""
     command = [sys.executable, str(DRIVER), "--report", str(report), "selftest"]
     return subprocess.run(
         command, cwd=REPO, env=one_rank_env(), capture_output=True, text=True, timeout=timeout

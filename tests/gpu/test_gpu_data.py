@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from gpurun import agreement
 
-from pipeline.data import Batch, DataConfig, ShardLoader
-from pipeline.data_decode import Yuv420
-from pipeline.world import World
+from pipeline.data.decode import Yuv420
+from pipeline.data.loader import Batch, DataConfig, ShardLoader
+from pipeline.distributed.world import World
 
 ONE_LEVEL = 2 / 255 + 1e-6  # in [-1, 1]
 MAX_DIFFERING_SHARE = 1e-3

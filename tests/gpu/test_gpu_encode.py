@@ -17,7 +17,7 @@ import torch
 from export_helpers import LAYERS as TIME_STATE_LAYERS
 from gpurun import agreement
 
-from pipeline.inference import inference_precision
+from pipeline.inference.precision import inference_precision
 
 from helpers import ALL_UNCONDITIONED, randomize_, tiny_tokenizer, video
 

@@ -3,7 +3,7 @@
 under bf16 autocast; the same clip through both paths gives the same codes.
 
 Both decode as the training loader does (the stream's 4:2:0 planes, converted on the device by
-pipeline.data_decode; encode-file through token_files.LoaderFrames), so the pixels are equal and
+pipeline.data.decode; encode-file through token_files.LoaderFrames), so the pixels are equal and
 only CUDA's run-to-run differences remain: a floor, with the pixel difference reported beside it.
 """
 
@@ -19,10 +19,11 @@ from gpurun import agreement
 from media import read_samples
 
 from data_prep.token_format import load_codes
-from pipeline.data_decode import crop_to_square, decode_window, stack_clips, to_pixels
-from pipeline.inference import inference_precision, load_tokenizer
-from pipeline.token_files import LoaderFrames
-from pipeline.tokenize import main, parse_args
+from pipeline.data.decode import crop_to_square, decode_window, stack_clips, to_pixels
+from pipeline.inference.export import load_tokenizer
+from pipeline.inference.precision import inference_precision
+from pipeline.inference.token_files import LoaderFrames
+from pipeline.inference.tokenize import main, parse_args
 
 SIZE, FRAMES, CHUNK = 32, 9, 4  # the export model's frames; chunks of 4 frames (f = 2)
 SAME_PATH_FLOOR = 0.999

@@ -94,8 +94,8 @@ def straight_run(tmp_path_factory, gpu_shards, vgg_weights):
 
 
 def test_pipeline_collectives_take_cpu_and_cuda_tensors_on_nccl(tmp_path):
-    """pipeline.distributed's collectives, CodebookStats and CodeHistogram on a one-rank NCCL
-    group: CPU and CUDA tensors, results back on the tensor's device with its dtype."""
+    """pipeline.distributed.collectives's collectives, CodebookStats and CodeHistogram on a one-rank
+    NCCL group: CPU and CUDA tensors, results back on the tensor's device with its dtype."""
     result = collectives_selftest(tmp_path / "report.json")
     report = read_report(tmp_path / "report.json")
     assert report, explain(result)

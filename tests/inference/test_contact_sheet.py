@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.contact_sheet import GAP, LABEL_HEIGHT, sheet_frames, write_contact_sheet
+from pipeline.inference.contact_sheet import GAP, LABEL_HEIGHT, sheet_frames, write_contact_sheet
 
 
 def test_sheet_frames():

@@ -1,5 +1,5 @@
-"""pipeline.evaluate: metrics against reference implementations, the evaluate() pass against a
-direct computation, 1 rank == 2 ranks, LPIPS only with local weights, clear errors."""
+"""pipeline.inference.evaluate: metrics against reference implementations, the evaluate() pass
+against a direct computation, 1 rank == 2 ranks, LPIPS only with local weights, clear errors."""
 
 import csv
 import io
@@ -14,10 +14,11 @@ import torchvision
 from export_helpers import NUM_FRAMES, SIZE, run_module, tiny_export_model
 from PIL import Image
 
-from pipeline.contact_sheet import GAP, LABEL_HEIGHT
-from pipeline.data import DataConfig, ShardLoader
-from pipeline.evaluate import SideBySideWriter, evaluate, main, parse_args
-from pipeline.quality import (
+from pipeline.data.loader import DataConfig, ShardLoader
+from pipeline.distributed.world import World
+from pipeline.inference.contact_sheet import GAP, LABEL_HEIGHT
+from pipeline.inference.evaluate import SideBySideWriter, evaluate, main, parse_args
+from pipeline.inference.quality import (
     CodeHistogram,
     load_lpips,
     psnr_frame_mean,
@@ -25,7 +26,6 @@ from pipeline.quality import (
     ssim_per_frame,
     to_unit_range,
 )
-from pipeline.world import World
 
 from helpers import video
 

@@ -1,6 +1,6 @@
-"""pipeline.frechet against scipy; rFVD and rFID through pipeline.evaluate with random-weight
-stand-ins for the I3D (a TorchScript file with its call signature and width) and InceptionV3;
-1 rank == 2 ranks; missing or wrong weights are reported, never downloaded."""
+"""pipeline.inference.frechet against scipy; rFVD and rFID through pipeline.inference.evaluate with
+random-weight stand-ins for the I3D (a TorchScript file with its call signature and width) and
+InceptionV3; 1 rank == 2 ranks; missing or wrong weights are reported, never downloaded."""
 
 import importlib.util
 import json
@@ -12,10 +12,11 @@ import torch
 from export_helpers import NUM_FRAMES, SIZE, run_module, tiny_export_model
 from torch import Tensor, nn
 
-from pipeline.data import DataConfig, ShardLoader
-from pipeline.evaluate import evaluate, main, parse_args
-from pipeline.frechet import FeatureMoments, frechet_distance, frechet_from_moments
-from pipeline.video_features import (
+from pipeline.data.loader import DataConfig, ShardLoader
+from pipeline.distributed.world import World
+from pipeline.inference.evaluate import evaluate, main, parse_args
+from pipeline.inference.frechet import FeatureMoments, frechet_distance, frechet_from_moments
+from pipeline.inference.video_features import (
     I3D_MIN_FRAMES,
     default_weights_path,
     i3d_input,
@@ -23,7 +24,6 @@ from pipeline.video_features import (
     load_i3d,
     load_inception,
 )
-from pipeline.world import World
 
 from helpers import StandInI3D, save_i3d
 

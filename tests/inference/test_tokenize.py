@@ -1,6 +1,6 @@
-"""pipeline.tokenize: token export on 2 ranks covers every clip once and decodes to the evaluator's
-PSNR; resuming; file commands round trip; bad shards, codes files and chunk sizes are clear
-errors."""
+"""pipeline.inference.tokenize: token export on 2 ranks covers every clip once and decodes to the
+evaluator's PSNR; resuming; file commands round trip; bad shards, codes files and chunk sizes are
+clear errors."""
 
 import csv
 import io
@@ -17,8 +17,7 @@ from export_helpers import NUM_FRAMES, SIZE, run_module, tiny_export_model
 from media import read_samples
 
 from data_prep.token_format import CodesMeta, TokenMeta, load_codes, save_codes
-from pipeline import evaluate, token_files
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     crop_to_square,
     decode_window,
     frames_as_loaded,
@@ -26,8 +25,9 @@ from pipeline.data_decode import (
     to_pixels,
     to_uint8,
 )
-from pipeline.quality import psnr_per_clip, to_unit_range
-from pipeline.tokenize import main, parse_args
+from pipeline.inference import evaluate, token_files
+from pipeline.inference.quality import psnr_per_clip, to_unit_range
+from pipeline.inference.tokenize import main, parse_args
 
 
 def read_token_shards(directory: Path) -> dict[str, tuple[np.ndarray, TokenMeta, str]]:

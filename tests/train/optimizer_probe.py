@@ -13,11 +13,11 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from pipeline import engines
-from pipeline.config import load_config
-from pipeline.distributed import device_for, teardown
-from pipeline.trainer import Trainer
-from pipeline.world import World
+from pipeline.distributed.collectives import device_for, teardown
+from pipeline.distributed.world import World
+from pipeline.train import engines
+from pipeline.train.config import load_config
+from pipeline.train.trainer import Trainer
 
 
 def full_states(engine) -> dict[str, dict[str, torch.Tensor]]:

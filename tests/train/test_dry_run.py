@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainrun import CONFIG, REPO, _env
 
 from model import VideoTokenizer
-from pipeline.config import load_config
-from pipeline.dry_run import FlopCount, _generator_step, dry_run
+from pipeline.train.config import load_config
+from pipeline.train.dry_run import FlopCount, _generator_step, dry_run
 
 BASE_128 = CONFIG.parent / "base_128.yaml"
 

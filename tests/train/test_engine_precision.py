@@ -12,8 +12,8 @@ import sys
 
 from trainrun import CONFIG, REPO, free_port
 
-from pipeline import engines
-from pipeline.config import load_config
+from pipeline.train import engines
+from pipeline.train.config import load_config
 
 from helpers import repo_env
 
@@ -22,9 +22,9 @@ from helpers import repo_env
 PROBE = """
 import json, sys, torch, deepspeed
 from deepspeed.utils import safe_get_full_grad
-from pipeline import engines
-from pipeline.config import load_config
-from pipeline.world import World
+from pipeline.train import engines
+from pipeline.train.config import load_config
+from pipeline.distributed.world import World
 
 engines.init_deepspeed_distributed(World(), 60)
 results = {}

@@ -23,8 +23,8 @@ from model.losses import (
     non_saturating_gen_loss,
 )
 from model.objectives import random_frame_index, take_frames
-from pipeline import schedules
-from pipeline.config import LossScheduleConfig, load_config
+from pipeline.train import schedules
+from pipeline.train.config import LossScheduleConfig, load_config
 
 
 def tiny(**changes) -> VideoTokenizer:
@@ -98,7 +98,7 @@ def test_discriminator_loss_adds_the_weighted_lecam_term_on_its_logits():
 def test_the_lecam_emas_start_at_the_first_logits_mix_then_and_skip_nonfinite_ones():
     from types import SimpleNamespace
 
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     losses = LossScheduleConfig(lecam_weight=0.1, lecam_ema_decay=0.9)
     state = SimpleNamespace(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from trainrun import CONFIG, base_overrides, explain, finished, metrics, single_process
 
-from pipeline.config import load_config
-from pipeline.health import (
+from pipeline.train.config import load_config
+from pipeline.train.health import (
     CODEBOOK_COLLAPSE,
     DISCRIMINATOR_COLLAPSE,
     RECON_DIVERGENCE,

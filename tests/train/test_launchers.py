@@ -12,7 +12,7 @@ import pytest
 from test_launch_guards import RANK_ENV, WORKING, Node, started
 from trainrun import CONFIG, REPO, _env, base_overrides, explain, finished, free_port, metrics
 
-from pipeline.world import World, first_host, rendezvous_env
+from pipeline.distributed.world import World, first_host, rendezvous_env
 
 SRUN = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123"}
 

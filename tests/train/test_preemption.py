@@ -30,8 +30,8 @@ from trainrun import (
     run,
 )
 
-from pipeline.checkpointing import latest_checkpoint
-from pipeline.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals
+from pipeline.train.checkpointing import latest_checkpoint
+from pipeline.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals
 
 
 def test_stop_requests_record_signals_and_agree_without_a_process_group():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from trainrun import CONFIG
 
-from pipeline.config import load_config
-from pipeline.train import main, parse_args
+from pipeline.train.cli import main, parse_args
+from pipeline.train.config import load_config
 
 
 @pytest.fixture

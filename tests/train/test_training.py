@@ -97,8 +97,8 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
     events.Reload()
     assert SCALARS <= set(events.Tags()["scalars"]), SCALARS - set(events.Tags()["scalars"])
     assert "reconstruction/real_vs_recon" in events.Tags()["images"]
-    # The evaluation at step 6 (pipeline.evaluate): the one shard is rank 0's, eval_batches=1
-    # batch of 2 clips; reports and a video.
+    # The evaluation at step 6 (pipeline.inference.evaluate): the one shard is rank 0's,
+    # eval_batches=1 batch of 2 clips; reports and a video.
     assert (out / "eval" / "step_00000000" / "summary.json").exists()  # the untrained baseline
     summary = json.loads((out / "eval" / "step_00000006" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["num_clips"] == 2, summary
@@ -127,7 +127,7 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
 def trained_ema_model(checkpoint):
     """The tokenizer of a training checkpoint, with the EMA weights, built from its config."""
     from model import VideoTokenizer
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     config = load_config(checkpoint / "config.yaml")
     model = VideoTokenizer.from_config(config.model)

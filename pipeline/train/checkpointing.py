@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import engines as ds
-from pipeline.distributed import all_reduce_max, barrier
-from pipeline.world import World
+from pipeline.distributed.collectives import all_reduce_max, barrier
+from pipeline.distributed.world import World
+from pipeline.train import engines as ds
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Checkpointer:
         ema_state: dict | None,
         loader_state: dict,
         trainer_state: dict,
-        fault_hook=None,
+        mid_save_hook: Callable[[], None] | None = None,
     ) -> Path:
         name = f"step_{step:08d}"
         partial = self.root / f".partial-{name}"
@@ -116,8 +117,8 @@ class Checkpointer:
             partial.mkdir(parents=True)
         barrier()
         ds.save_engine(engines.generator, partial, "generator")
-        if fault_hook is not None:
-            fault_hook()  # tests kill a rank here, between the two engines' files
+        if mid_save_hook is not None:
+            mid_save_hook()  # tests kill a rank here, between the two engines' files
         if engines.discriminator is not None:
             ds.save_engine(engines.discriminator, partial, "discriminator")
         torch.save(

@@ -1,10 +1,24 @@
-"""Loss schedules as pure functions of the optimizer step (learning rates live in engines.py)."""
+"""Learning-rate and loss schedules as pure functions of the optimizer step."""
 
 from __future__ import annotations
 
 import math
 
-from pipeline.config import LossScheduleConfig
+from pipeline.train.config import LossScheduleConfig, OptimizerConfig
+
+
+def lr_multiplier(step: int, optim: OptimizerConfig, num_steps: int) -> float:
+    """Warm-up then decay, as a multiple of optim.lr; a pure function of the optimizer step."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return 1.0
+    span = max(1, num_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = optim.min_lr_ratio
+    if optim.decay == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def discriminator_active(step: int, schedule: LossScheduleConfig) -> bool:

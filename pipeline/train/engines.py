@@ -15,7 +15,6 @@ hand-edited JSON. Rules this code keeps (measured with DeepSpeed 0.19.8, see DES
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import OptimizerConfig, TrainConfig
-from pipeline.world import World, rendezvous_env
+from pipeline.distributed.world import World, export_rendezvous, use_cpu_accelerator
+from pipeline.train.config import OptimizerConfig, TrainConfig
+from pipeline.train.schedules import lr_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,7 @@ def init_deepspeed_distributed(
 
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     if not on_cuda and torch.cuda.is_available():
-        # CPU ranks on a GPU machine: DeepSpeed picks its accelerator once, at first use,
-        # from this variable or else from what torch can see.
-        import os
-
-        os.environ["DS_ACCELERATOR"] = "cpu"
+        use_cpu_accelerator()  # CPU ranks on a GPU machine
     import deepspeed
     import deepspeed.ops
 
@@ -51,50 +47,13 @@ def init_deepspeed_distributed(
         # and training on gloo never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if on_cuda else "gloo"
-    import os
-
-    if world.world_size == 1:
-        # Without a launcher DeepSpeed falls back to MPI discovery (mpi4py); a world of one
-        # only needs these to form its trivial process group.
-        variables = {
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-        }
-    else:
-        variables = rendezvous_env(world)  # under srun: from SLURM's variables
-    for key, value in variables.items():
-        os.environ.setdefault(key, value)
+    export_rendezvous(world)
     deepspeed.init_distributed(
         dist_backend=backend,
         timeout=datetime.timedelta(seconds=timeout_s),
         rank=world.rank,
         world_size=world.world_size,
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lr_multiplier(step: int, optim: OptimizerConfig, num_steps: int) -> float:
-    """Warm-up then decay, as a multiple of optim.lr; a pure function of the optimizer step."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.decay == "constant":
-        return 1.0
-    span = max(1, num_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    floor = optim.min_lr_ratio
-    if optim.decay == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def engine_config(

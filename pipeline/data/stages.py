@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from data_prep.format import META_KEY, Kind, SampleMeta
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     Backend,
     Crop,
     TooShort,
@@ -22,7 +22,7 @@ from pipeline.data_decode import (
     decode_window,
     stack_clips,
 )
-from pipeline.world import World
+from pipeline.distributed.world import World
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.distributed import all_reduce_sum
-from pipeline.quality import CodeHistogram
+from pipeline.distributed.collectives import all_reduce_sum
+from pipeline.inference.quality import CodeHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class TensorBoard:
         gif, height, width = side_by_side_gif(real, fake)
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
         summary = Summary(value=[Summary.Value(tag=tag, image=image)])
-        self.writer._get_file_writer().add_summary(summary, step)
+        self.writer.file_writer.add_summary(summary, step)  # set up by SummaryWriter()
 
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:

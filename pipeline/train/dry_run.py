@@ -29,8 +29,8 @@ from torch.utils.flop_counter import flop_registry
 
 from data_prep.format import read_manifest
 from model import VideoTokenizer
-from pipeline.config import TrainConfig
-from pipeline.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
+from pipeline.train.config import TrainConfig
+from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 
 GiB = 2**30
 
@@ -48,7 +48,7 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
         return out
@@ -274,24 +274,55 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
     with _FusedAttention(), saved.counting():
         _generator_step(tokenizer, critics, _clip(config, 1, dtype), adversarial, backward=False)
     micro = config.micro_batch_size
-    activations = saved.total * micro
-    largest_layer = max(saved.per_layer.values(), default=0) * micro
+    activations = {
+        "generator": saved.total * micro,
+        "checkpointed": _checkpointed_saved_bytes(config, dtype) * micro
+        + max(saved.per_layer.values(), default=0) * micro,  # saved + the largest layer
+    }
     if critics is not None:
-        per_step = []
-        saved_critic = _SavedBytes([], _parameters(critics))
-        for penalty in (False, True):
-            counting = saved_critic.counting() if penalty else contextlib.nullcontext()
-            with FlopCount() as flops, counting:
-                _discriminator_step(
-                    tokenizer, critics, _clip(config, 1, dtype), recon, penalty, config
-                )
-            per_step.append(float(flops.flops))
-        every = config.losses.gradient_penalty_every
-        report.discriminator_flops_per_clip = per_step[0] + (per_step[1] - per_step[0]) / every
+        flops_per_clip, critic_saved = _measure_discriminator(
+            tokenizer, critics, recon, config, dtype
+        )
+        report.discriminator_flops_per_clip = flops_per_clip
+        activations["discriminator"] = critic_saved * micro
+    report.memory_bytes = _memory_table(report, config, world_size, activations)
+    return report
+
+
+def _measure_discriminator(
+    tokenizer: nn.Module,
+    critics: nn.Module,
+    recon: torch.Tensor,
+    config: TrainConfig,
+    dtype: torch.dtype,
+) -> tuple[float, int]:
+    """(FLOPs per clip of a discriminator step, the lazy gradient penalty's share averaged in;
+    bytes its gradient-penalty step saves for one clip)."""
+    per_step = []
+    saved = _SavedBytes([], _parameters(critics))
+    for penalty in (False, True):
+        counting = saved.counting() if penalty else contextlib.nullcontext()
+        with FlopCount() as flops, counting:
+            _discriminator_step(tokenizer, critics, _clip(config, 1, dtype), recon, penalty, config)
+        per_step.append(float(flops.flops))
+    every = config.losses.gradient_penalty_every
+    return per_step[0] + (per_step[1] - per_step[0]) / every, saved.total
+
+
+def _checkpointed_saved_bytes(config: TrainConfig, dtype: torch.dtype) -> int:
+    """Bytes the generator's forward saves for one clip with activation checkpointing."""
     checkpointed, _ = _build(config, checkpointing=True, dtype=dtype)
-    saved_ckpt = _SavedBytes([], _parameters(checkpointed, None))
-    with _FusedAttention(), saved_ckpt.counting():
+    saved = _SavedBytes([], _parameters(checkpointed, None))
+    with _FusedAttention(), saved.counting():
         _generator_step(checkpointed, None, _clip(config, 1, dtype), 0.0, backward=False)
+    return saved.total
+
+
+def _memory_table(
+    report: DryRunReport, config: TrainConfig, world_size: int, activations: dict[str, float]
+) -> dict[str, float]:
+    """Per-rank bytes: the engines' states, the activations per micro-batch, and the peak of the
+    configured run (the discriminator's step runs after the generator's: peaks do not add up)."""
     memory: dict[str, float] = {}
     for name, count, stage in (
         ("generator", report.generator_parameters, config.zero_stage),
@@ -301,21 +332,15 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
             for part, value in _state_bytes(count, config, stage, world_size).items():
                 memory[f"{name} {part}"] = value
     states = sum(memory.values())
-    memory["generator activations per micro-batch"] = activations
-    memory["... with activation checkpointing (saved + largest layer)"] = (
-        saved_ckpt.total * micro + largest_layer
-    )
-    if critics is not None:  # its step runs after the generator's: peaks do not add up
-        memory["discriminator activations per micro-batch (gradient penalty step)"] = (
-            saved_critic.total * micro
-        )
-    checkpointing = config.activation_checkpointing
-    generator_peak = (
-        memory["... with activation checkpointing (saved + largest layer)"]
-        if checkpointing
-        else activations
-    )
-    critic_peak = memory.get("discriminator activations per micro-batch (gradient penalty step)", 0)
+    memory["generator activations per micro-batch"] = activations["generator"]
+    memory["... with activation checkpointing (saved + largest layer)"] = activations[
+        "checkpointed"
+    ]
+    if "discriminator" in activations:
+        memory["discriminator activations per micro-batch (gradient penalty step)"] = activations[
+            "discriminator"
+        ]
+    generator_peak = activations["checkpointed" if config.activation_checkpointing else "generator"]
+    critic_peak = activations.get("discriminator", 0)
     memory["total as configured"] = states + max(generator_peak, critic_peak)
-    report.memory_bytes = memory
-    return report
+    return memory

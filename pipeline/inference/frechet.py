@@ -14,11 +14,17 @@ to keep every feature and for one all-reduce across ranks.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from pipeline.distributed.collectives import all_reduce_max, all_reduce_sum
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,3 +133,59 @@ def _frechet(
             f"published numbers; use at least {width + 1} (thousands in the literature)"
         )
     return FrechetResult(float(value), num_real, num_fake, warning)
+
+
+class FeatureSets:
+    """One rank's feature moments of real and reconstructed clips for one Fréchet metric
+    (moments rather than features: O(D²) memory however many clips or frames, and one
+    all-reduce across ranks whatever each rank's count)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        extract: Callable[[torch.nn.Module, Tensor], Tensor],
+        width: int,
+        min_frames: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.extract, self.min_frames = model, extract, min_frames
+        self.real = FeatureMoments(width, device)
+        self.recon = FeatureMoments(width, device)
+        self.shortest = 0  # frames of the shortest clip seen below min_frames, 0 if none
+
+    def add(self, real: Tensor, recon: Tensor) -> None:
+        """(B, C, T, H, W) clips in [0, 1]."""
+        if self.model is None:
+            return
+        frames = real.shape[2]
+        if frames < self.min_frames:
+            self.shortest = frames if not self.shortest else min(self.shortest, frames)
+            return
+        self.real.add(self.extract(self.model, real))
+        self.recon.add(self.extract(self.model, recon))
+
+    def distance(self, *, unbiased: bool, note: str, unit: str) -> tuple[float | None, str]:
+        """Collective when a model is set (every rank has one or none): the distance over every
+        rank's features and the note for the summary."""
+        if self.model is None:
+            return None, note or "not requested"
+        short = self.real.packed.new_tensor([self.shortest])
+        all_reduce_max(short)  # any too-short clip on any rank disables the metric everywhere
+        if int(short):
+            return None, (
+                f"unavailable: clips of {int(short)} frame(s); the I3D needs at least "
+                f"{self.min_frames} (pass --num-frames 17)"
+            )
+        all_reduce_sum(self.real.packed)
+        all_reduce_sum(self.recon.packed)
+        if self.real.count < 2:
+            return None, f"unavailable: {self.real.count} {unit} evaluated, at least 2 are needed"
+        result = frechet_from_moments(self.real, self.recon, unbiased=unbiased)
+        if result.warning:
+            logger.warning("Fréchet distance on %d %s: %s", result.num_real, unit, result.warning)
+        parts = [
+            note,
+            f"on {result.num_real} {unit}",
+            result.warning and f"warning: {result.warning}",
+        ]
+        return result.value, "; ".join(p for p in parts if p)

@@ -4,8 +4,8 @@
 
 Every section is a frozen dataclass; unknown keys, bad values and impossible combinations raise
 `ValueError` here, before any process group or engine exists. `model` holds the VideoTokenizer
-arguments (model.TokenizerConfig) and `data` the loader's (pipeline.data.DataConfig), except the
-fields the trainer derives (batch size, frame compression).
+arguments (model.TokenizerConfig) and `data` the loader's (pipeline.data.loader.DataConfig), except
+the fields the trainer derives (batch size, frame compression).
 """
 
 from __future__ import annotations
@@ -20,126 +20,36 @@ from typing import Any
 import yaml
 
 from model.config import TokenizerConfig
-from pipeline.data import DataConfig
-from pipeline.health import HealthConfig
+from pipeline.data.loader import DataConfig
+from pipeline.train.config_sections import (
+    ANNEAL_SHAPES,
+    LR_DECAYS,
+    FaultInjection,
+    LossScheduleConfig,
+    OptimizerConfig,
+)
+from pipeline.train.health import HealthConfig
+
+__all__ = [
+    "ANNEAL_SHAPES",
+    "DERIVED_DATA_FIELDS",
+    "DEVICES",
+    "LR_DECAYS",
+    "PRECISIONS",
+    "FaultInjection",
+    "LossScheduleConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+]
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
-LR_DECAYS = ("cosine", "linear", "constant")
-ANNEAL_SHAPES = ("linear", "cosine")
 # DataConfig fields the trainer fills in itself (they must agree with the model and batch).
 DERIVED_DATA_FIELDS = ("micro_batch_size", "time_compression")
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
-    """AdamW and its learning-rate schedule (one per engine)."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer steps."""
-    decay: str = "constant"
-    """After warm-up: 'cosine' or 'linear' decay to min_lr_ratio * lr at the last step, or
-    'constant'."""
-    min_lr_ratio: float = 0.1
-    gradient_clipping: float = 1.0
-    """Global grad-norm clip; 0 disables (set explicitly: DeepSpeed silently defaults to 1)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.decay not in LR_DECAYS:
-            raise ValueError(f"decay must be one of {LR_DECAYS}, got {self.decay!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup_steps", "weight_decay", "gradient_clipping"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossScheduleConfig:
-    """When and how strongly the adversarial game runs, and how the quantizer's loss weights
-    change over the run."""
-
-    discriminator_start_step: int = 0
-    """The discriminator trains, and the generator sees its loss, from this step on."""
-    adversarial_warmup_steps: int = 0
-    """Then the adversarial weight ramps linearly from 0 to the model's weight."""
-    gradient_penalty_every: int = 1
-    """Lazy regularisation (StyleGAN2): the penalty every N discriminator steps, scaled by N."""
-    lecam_weight: float = 0.0
-    """LeCAM regularisation of the discriminator (Tseng et al. 2021), weight of
-    mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2) in its loss; 0: off."""
-    lecam_ema_decay: float = 0.999
-    """Decay of the EMAs of the mean real and fake logits (averaged over ranks, updated after
-    every discriminator micro-batch, saved in checkpoints): 0 before the first update, which
-    sets them; each step's term uses the anchors of the steps before it."""
-    entropy_weight_start_factor: float = 1.0
-    """The LFQ entropy loss weight starts at this multiple of model.lfq_entropy_loss_weight and
-    anneals to 1x over `quantizer_anneal_steps` (VidTok: 3.0); 1: constant."""
-    commitment_weight_start_factor: float = 1.0
-    """The same for model.lfq_commitment_loss_weight."""
-    quantizer_anneal_steps: int = 0
-    """Optimizer steps over which the start factors anneal to 1 (from step 0)."""
-    quantizer_anneal_shape: str = "linear"
-    """'linear' or 'cosine' (half a cosine from the start factor to 1)."""
-
-    def __post_init__(self) -> None:
-        if self.discriminator_start_step < 0 or self.adversarial_warmup_steps < 0:
-            raise ValueError("discriminator_start_step and adversarial_warmup_steps must be >= 0")
-        if self.gradient_penalty_every < 1:
-            raise ValueError(
-                f"gradient_penalty_every must be >= 1, got {self.gradient_penalty_every}"
-            )
-        if not (math.isfinite(self.lecam_weight) and self.lecam_weight >= 0):
-            raise ValueError(f"lecam_weight must be >= 0 (0: off), got {self.lecam_weight}")
-        if not 0 <= self.lecam_ema_decay < 1:
-            raise ValueError(f"lecam_ema_decay must be in [0, 1), got {self.lecam_ema_decay}")
-        for name in ("entropy_weight_start_factor", "commitment_weight_start_factor"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
-        if self.quantizer_anneal_steps < 0:
-            raise ValueError(
-                f"quantizer_anneal_steps must be >= 0, got {self.quantizer_anneal_steps}"
-            )
-        if self.quantizer_anneal_shape not in ANNEAL_SHAPES:
-            raise ValueError(
-                f"quantizer_anneal_shape must be one of {ANNEAL_SHAPES}, got "
-                f"{self.quantizer_anneal_shape!r}"
-            )
-        if self.quantizer_annealed and self.quantizer_anneal_steps == 0:
-            raise ValueError(
-                "entropy_weight_start_factor / commitment_weight_start_factor != 1 need "
-                "quantizer_anneal_steps > 0 (the steps over which they anneal to 1)"
-            )
-
-    @property
-    def quantizer_annealed(self) -> bool:
-        return self.entropy_weight_start_factor != 1 or self.commitment_weight_start_factor != 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class FaultInjection:
-    """For tests of the failure paths; all off by default."""
-
-    nan_at_step: int | None = None
-    """Poison this step's batch with NaN on rank `on_rank`."""
-    kill_at_step: int | None = None
-    """SIGKILL rank `on_rank` at the start of this step."""
-    kill_during_save_at_step: int | None = None
-    """SIGKILL rank `on_rank` halfway through writing the checkpoint of this step."""
-    signal_group_during_stop_save: bool = False
-    """Halfway through the checkpoint of a stop request, rank `on_rank` sends SIGTERM to its
-    whole process group (the job, as SLURM's second signal would)."""
-    on_rank: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +102,7 @@ class TrainConfig:
     """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""
     eval_every: int = 500
     eval_batches: int = 8
-    """Batches per rank at each evaluation (pipeline.evaluate over eval_data)."""
+    """Batches per rank at each evaluation (pipeline.inference.evaluate over eval_data)."""
     eval_videos: int = 2
     """Real | reconstruction mp4s written to OUTPUT_DIR/eval/step_N/ at each evaluation."""
     eval_i3d_weights: str | None = None
@@ -216,11 +126,19 @@ class TrainConfig:
     process_group_timeout_s: float = 600.0
     """How long a collective waits for a dead rank before the job fails."""
     health: HealthConfig = field(default_factory=HealthConfig)
-    """Training health alarms (pipeline.health): warnings in the log and `health/alarm_*`
+    """Training health alarms (pipeline.train.health): warnings in the log and `health/alarm_*`
     scalars when the discriminator or the codebook collapses or the reconstruction diverges."""
     faults: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self) -> None:
+        self._check_intervals()
+        self._check_precision()
+        self._check_zero_stages()
+        self._check_losses_fit_the_model()
+        self._check_data_fits_the_model()
+
+    def _check_intervals(self) -> None:
+        """Step counts, intervals and sizes are positive; the minute clock is not negative."""
         for name in (
             "num_steps",
             "micro_batch_size",
@@ -243,6 +161,12 @@ class TrainConfig:
                 "checkpoint_every_minutes must be >= 0 (0: off), got "
                 f"{self.checkpoint_every_minutes}"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def _check_precision(self) -> None:
+        """A known device and precision; fp16 only where its loss scaling reaches every
+        gradient."""
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -257,6 +181,9 @@ class TrainConfig:
                 "where DeepSpeed's fp16 loss scaling does not reach, so they underflow to zero. "
                 "Use precision: bf16 (same speed on Ampere and newer GPUs, no loss scaling)"
             )
+
+    def _check_zero_stages(self) -> None:
+        """ZeRO 1 or 2 for both engines: what the training step's gradients need."""
         if self.zero_stage not in (1, 2):
             raise ValueError(
                 f"zero_stage must be 1 or 2, got {self.zero_stage}: ZeRO-3 is not supported for "
@@ -270,8 +197,9 @@ class TrainConfig:
                 "the gradient penalty's double backward fails under ZeRO-3, and stage 0 has no "
                 "all-rank skip of non-finite steps"
             )
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def _check_losses_fit_the_model(self) -> None:
+        """LeCAM needs the GAN; the quantizer annealing needs LFQ's loss weights."""
         if self.losses.lecam_weight > 0 and not self.model.use_gan:
             raise ValueError("losses.lecam_weight > 0 needs the GAN (model.use_gan: true)")
         if self.losses.quantizer_annealed and self.model.use_fsq:
@@ -279,6 +207,9 @@ class TrainConfig:
                 "losses.entropy_weight_start_factor / commitment_weight_start_factor anneal LFQ's "
                 "loss weights; FSQ (model.use_fsq) has none"
             )
+
+    def _check_data_fits_the_model(self) -> None:
+        """Clip length and size as the model compresses them; the loaders' modes."""
         f = self.model.time_downsample_factor
         if (self.data.num_frames - 1) % f:
             raise ValueError(

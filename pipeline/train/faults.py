@@ -1,4 +1,5 @@
-"""Fault injection for the failure-path tests (config section `faults`; all off by default).
+"""Fault injection for the failure-path tests (config section `faults`; all off by default): a
+`TrainerCallback` that pipeline.train.cli installs only when the config asks for a fault.
 
 Each fault fires once per output folder: a marker file records it, so rerunning the same command
 after an injected crash resumes instead of crashing again.
@@ -9,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pipeline.config import FaultInjection
+from pipeline.train.callbacks import TrainerCallback
+from pipeline.train.config import FaultInjection
 
 logger = logging.getLogger(__name__)
 
 
-class Faults:
+class Faults(TrainerCallback):
     def __init__(self, config: FaultInjection, rank: int, output_dir: Path) -> None:
         self.config, self.rank = config, rank
         self.markers = output_dir / ".faults"
@@ -36,17 +39,17 @@ class Faults:
             logger.error("fault injection: SIGKILL of rank %d (%s)", self.rank, name)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def at_step_start(self, step: int) -> None:
+    def on_step_start(self, step: int) -> None:
         if self.config.kill_at_step == step and self.rank == self.config.on_rank:
             self._kill(f"kill_at_step_{step}")
 
-    def poison(self, step: int, video: torch.Tensor) -> torch.Tensor:
+    def on_batch(self, step: int, video: torch.Tensor) -> torch.Tensor:
         if self.config.nan_at_step == step and self.rank == self.config.on_rank:
             logger.error("fault injection: NaN batch at step %d on rank %d", step, self.rank)
             return torch.full_like(video, float("nan"))
         return video
 
-    def during_save(self, step: int, stopping: bool = False):
+    def during_save(self, step: int, stopping: bool = False) -> Callable[[], None] | None:
         """A hook for the checkpointer, or None."""
         if self.rank != self.config.on_rank:
             return None
@@ -59,3 +62,10 @@ class Faults:
     def _signal_group(self) -> None:
         logger.error("fault injection: SIGTERM to process group %d mid-save", os.getpgid(0))
         os.killpg(os.getpgid(0), signal.SIGTERM)
+
+
+def fault_callbacks(config: FaultInjection, rank: int, output_dir: Path) -> list[TrainerCallback]:
+    """[Faults] when the config asks for any fault, else no callback at all."""
+    if config == FaultInjection():
+        return []
+    return [Faults(config, rank, output_dir)]

@@ -1,7 +1,8 @@
 """Where this process sits: rank and world size, and inside a data-loader worker, which worker.
 
-The only module of ``pipeline`` that reads the launcher's environment variables (torchrun's,
-DeepSpeed's, srun's); everything else receives a ``World``. Tests build
+The only module of ``pipeline`` that reads or sets environment variables (the launcher's:
+torchrun's, DeepSpeed's, srun's; the rendezvous variables; DeepSpeed's accelerator choice;
+OMP_NUM_THREADS); everything else receives a ``World`` or calls a function here. Tests build
 ``World(rank=1, world_size=2)`` directly.
 """
 
@@ -98,6 +99,46 @@ def rendezvous_env(world: World, env: Mapping[str, str] | None = None) -> dict[s
     if "SLURM_JOB_ID" in env:
         out["MASTER_PORT"] = str(20000 + _int(env, "SLURM_JOB_ID") % 20000)
     return {k: v for k, v in out.items() if k not in env}
+
+
+def export_rendezvous(world: World, defaults: Mapping[str, str] | None = None) -> None:
+    """Sets the rendezvous variables torch.distributed's env:// (and DeepSpeed's) reads, keeping
+    any the launcher set: `defaults` when given; else for a world of one a local address and a
+    free port (without a launcher DeepSpeed falls back to MPI discovery, mpi4py); else
+    `rendezvous_env` (under srun: from SLURM's variables)."""
+    if defaults is not None:
+        variables = dict(defaults)
+    elif world.world_size == 1:
+        variables = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }
+    else:
+        variables = rendezvous_env(world)
+    for key, value in variables.items():
+        os.environ.setdefault(key, value)
+
+
+def use_cpu_accelerator() -> None:
+    """Makes DeepSpeed pick its CPU accelerator (it picks one once, at first use, from
+    DS_ACCELERATOR or else from what torch can see): for CPU ranks on a GPU machine."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def omp_threads() -> int:
+    """The launcher's OMP_NUM_THREADS (at least 1; 1 when unset)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def first_host(nodelist: str) -> str:

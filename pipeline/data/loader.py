@@ -36,8 +36,8 @@ import torch
 import webdataset as wds
 
 from data_prep.format import Kind, read_manifest
-from pipeline.data_decode import Backend, Crop, Yuv420, to_pixels, to_uint8
-from pipeline.data_stages import (
+from pipeline.data.decode import Backend, Crop, Yuv420, to_pixels, to_uint8
+from pipeline.data.stages import (
     STAT_NAMES,
     WorkerStats,
     chain,
@@ -48,9 +48,9 @@ from pipeline.data_stages import (
     reader_seed,
     resampled_shards,
 )
-from pipeline.preemption import ignore_stop_signals
-from pipeline.tar_stream import tar_samples
-from pipeline.world import World
+from pipeline.data.tar_stream import tar_samples
+from pipeline.distributed.signals import ignore_stop_signals
+from pipeline.distributed.world import World
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from model.streaming import (
     chunk_bounds,
     inference_mode,
 )
-from pipeline.data_decode import (
+from pipeline.data.decode import (
     Yuv420,
     clip_size,
     crop_to_square,
@@ -36,18 +36,12 @@ from pipeline.data_decode import (
     to_uint8,
     yuv420_to_rgb_uint8,
 )
-from pipeline.distributed import device_for
-from pipeline.inference import (
-    add_precision_argument,
-    file_sha256,
-    inference_precision,
-    load_tokenizer,
-    resolve_export_dir,
-    resolve_precision,
-    usable_frames,
-)
-from pipeline.mp4 import Mp4Writer
-from pipeline.world import World
+from pipeline.distributed.collectives import device_for
+from pipeline.distributed.world import World
+from pipeline.inference.arguments import add_precision_argument
+from pipeline.inference.export import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
+from pipeline.inference.mp4 import Mp4Writer
+from pipeline.inference.precision import inference_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +122,31 @@ def _shaped(frames: torch.Tensor | Yuv420, size: int, crop: bool) -> torch.Tenso
     return resize_short_side(rgb, size)
 
 
+def _frames_to_encode(
+    source: str, size: int, time_factor: int, max_frames: int | None
+) -> tuple[int, float]:
+    """(frames to encode, frame rate): the file's frames (decord's index), at most `max_frames`,
+    cut to the 1 + k * time_factor the tokenizer takes."""
+    with open_video(source, size, None) as probe:
+        total = probe.num_frames if probe.num_frames is not None else probe.count_frames()
+        fps = probe.fps
+    num_frames = usable_frames(min(total, max_frames or total), time_factor)
+    if num_frames < 1:
+        raise ValueError(f"{source}: no frames to encode")
+    return num_frames, fps
+
+
+def _checked_sides(frames: torch.Tensor | Yuv420, factor: int, source: str) -> tuple[int, int]:
+    """(height, width) of the shaped frames, which the tokenizer must be able to downsample."""
+    height, width = clip_size(frames)[1:]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"{source}: frames of {width}x{height} after resizing; the tokenizer needs "
+            f"sides divisible by {factor}: keep the center crop or pass another --size"
+        )
+    return height, width
+
+
 def encode_file(
     model: VideoTokenizer,
     source: str,
@@ -141,18 +160,13 @@ def encode_file(
     precision: str = "fp32",
 ) -> CodesMeta:
     """Encodes a video file into a codes file, `chunk_frames` frames at a time, in `precision`
-    ('fp32' or 'bf16', as pipeline.inference resolves it; recorded in the file). Frames are
-    decoded, resized and cropped as the loader and the shard export do (LoaderFrames)."""
+    ('fp32' or 'bf16', as pipeline.inference.precision resolves it; recorded in the file). Frames
+    are decoded, resized and cropped as the loader and the shard export do (LoaderFrames)."""
     f = model.time_downsample_factor
     check_chunk_frames(chunk_frames, f)
     size = size or model.config.image_size
     device = next(model.parameters()).device
-    with open_video(source, size, None) as probe:  # frame count and rate (decord's index)
-        total = probe.num_frames if probe.num_frames is not None else probe.count_frames()
-        fps = probe.fps
-    num_frames = usable_frames(min(total, max_frames or total), f)
-    if num_frames < 1:
-        raise ValueError(f"{source}: no frames to encode")
+    num_frames, fps = _frames_to_encode(source, size, f, max_frames)
     codes: list[torch.Tensor] = []
     with (
         LoaderFrames(source) as reader,
@@ -167,13 +181,7 @@ def encode_file(
                 logger.warning("%s ends after frame %d of %d", source, start, num_frames)
                 num_frames = start
                 break
-            height, width = clip_size(frames)[1:]
-            s = model.config.space_downsample_factor
-            if height % s or width % s:
-                raise ValueError(
-                    f"{source}: frames of {width}x{height} after resizing; the tokenizer needs "
-                    f"sides divisible by {s}: keep the center crop or pass another --size"
-                )
+            height, width = _checked_sides(frames, model.config.space_downsample_factor, source)
             video = to_pixels(stack_clips([frames]).to(device))  # (1, C, n, H, W)
             codes.append(model.quantizer(encoder.encode(video.contiguous())).codes[0].cpu())
     if not codes:

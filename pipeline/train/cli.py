@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.checkpointing import init_source
-from pipeline.config import TrainConfig, dump_config, load_config
-from pipeline.data import resolve_shards
-from pipeline.preemption import PREEMPTED_EXIT_CODE, StopRequests
-from pipeline.world import World
+from pipeline.data.loader import resolve_shards
+from pipeline.distributed.world import World, omp_threads
+from pipeline.train.checkpointing import init_source
+from pipeline.train.config import TrainConfig, dump_config, load_config
+from pipeline.train.preemption import PREEMPTED_EXIT_CODE, StopRequests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +64,7 @@ def check_before_start(config: TrainConfig, world: World) -> None:
 
 
 def dry_run_main(args: argparse.Namespace, world: World) -> int:
-    from pipeline.dry_run import dry_run
+    from pipeline.train.dry_run import dry_run
 
     world_size = args.world_size or world.world_size
     try:
@@ -103,16 +102,18 @@ def main(args: argparse.Namespace) -> int:
     if world.rank == 0:
         print(f"resolved config ({world.world_size} rank(s)):\n{dump_config(config)}", flush=True)
 
-    from pipeline import engines
-    from pipeline.distributed import device_for, teardown
-    from pipeline.trainer import Trainer
+    from pipeline.distributed.collectives import device_for, teardown
+    from pipeline.train import engines
+    from pipeline.train.faults import fault_callbacks
+    from pipeline.train.trainer import Trainer
 
     device = device_for(world, config.device)
     if world.world_size > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(omp_threads())
     engines.init_deepspeed_distributed(world, config.process_group_timeout_s, device)
     try:
-        trainer = Trainer(config, world, device, stop)
+        callbacks = fault_callbacks(config.faults, world.rank, Path(config.output_dir))
+        trainer = Trainer(config, world, device, stop, callbacks)
         trainer.train()
     finally:
         teardown()
@@ -123,12 +124,3 @@ def main(args: argparse.Namespace) -> int:
     if world.rank == 0:
         print(f"training finished at step {trainer.step}: {config.output_dir}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    code = main(parse_args())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: gloo's threads have aborted the process there ("terminate
-    # called without an active exception") after all work was done and saved.
-    os._exit(code)

@@ -1,8 +1,8 @@
 """Process-group set-up and every collective that training, evaluation and token export use.
 
 Launchers (deepspeed, torchrun, srun via launch/train.sh) set RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT; `World.from_env` reads them. One process without them is a world
-of one and needs no process group.
+MASTER_ADDR and MASTER_PORT; `pipeline.distributed.world` reads them. One process without them is a
+world of one and needs no process group.
 
 The only module of the project that calls `torch.distributed` collectives (a test enforces it).
 A backend only reduces tensors on the devices it serves: NCCL has no CPU path, so a CPU tensor
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 
-from pipeline.world import World
+from pipeline.distributed.world import World, export_rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +58,7 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Wo
     """
     world = World.from_env()
     if world.world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        export_rendezvous(world, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
         dist.init_process_group(
             backend=backend or default_backend(),
             timeout=datetime.timedelta(seconds=timeout_s),

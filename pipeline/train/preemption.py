@@ -7,9 +7,10 @@ boundary the trainer reduces the flags of all ranks (one small all-reduce), so e
 the request at the same step, writes that step's checkpoint with the others and exits with
 `PREEMPTED_EXIT_CODE`. A second signal during the save only counts; the save goes on.
 
-Data-loader workers ignore both signals (`ignore_stop_signals`): they are part of the job too,
-and a worker killed by SIGTERM would make the DataLoader raise in the middle of the save. They
-exit with their rank.
+Data-loader workers ignore both signals (`ignore_stop_signals`, in pipeline.distributed.signals
+with the signal list, so the data package need not import the trainer's): they are part of the
+job too, and a worker killed by SIGTERM would make the DataLoader raise in the middle of the
+save. They exit with their rank.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 
 import torch
 
-from pipeline.distributed import all_reduce_max
+from pipeline.distributed.collectives import all_reduce_max
+from pipeline.distributed.signals import STOP_SIGNALS, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,7 @@ PREEMPTED_EXIT_CODE = 75
 """The trainer's exit status after a stop request was honoured (a complete checkpoint of the
 step it stopped at exists): EX_TEMPFAIL, "try again". launch/train.sbatch requeues on it."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals() -> None:
-    """For data-loader workers: SIGTERM and SIGUSR1 are for the rank, which saves and exits."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "StopRequests", "ignore_stop_signals"]
 
 
 class StopRequests:

@@ -1,0 +1,2 @@
+"""Where this process sits (world: rank, world size, the launcher's environment) and every
+collective (collectives)."""
