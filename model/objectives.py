@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.config import TokenizerConfig
 from model.losses import (
     DISCR_LOSSES,
     GEN_LOSSES,
@@ -24,9 +25,7 @@ from model.losses import (
     gradient_penalty,
     lecam_regularizer,
 )
-
-if TYPE_CHECKING:
-    from model.tokenizer import TokenizerOutput, VideoTokenizer
+from model.tokenizer import TokenizerOutput
 
 # Field names and order of magvit2-pytorch's named tuples.
 LossBreakdown = namedtuple(
@@ -73,27 +72,61 @@ def take_frames(video: Tensor, index: Tensor) -> Tensor:
     return video[torch.arange(video.shape[0], device=video.device), :, index]
 
 
-def critic_view(model: VideoTokenizer, video: Tensor, index: Tensor) -> Tensor:
-    """What the discriminator sees of a (B, C, T, H, W) clip: frame index[b] of each (the 2-D
-    image discriminator) or the whole clip (the 3-D one)."""
-    if model.config.discriminator_kind == "3d":
+def critic_view(kind: str, video: Tensor, index: Tensor) -> Tensor:
+    """What the discriminator of `kind` ('2d' or '3d') sees of a (B, C, T, H, W) clip: frame
+    index[b] of each (the 2-D image discriminator) or the whole clip (the 3-D one)."""
+    if kind == "3d":
         return video
     return take_frames(video, index)
 
 
+def recon_loss(video: Tensor, recon: Tensor) -> Tensor:
+    """The reconstruction term: MSE in fp32."""
+    return F.mse_loss(recon.float(), video.float())
+
+
+class _Term(NamedTuple):
+    """A loss computed from the reconstruction by a frozen network, and d loss / d recon (None
+    when nothing is differentiable)."""
+
+    loss: Tensor
+    grad: Tensor | None
+
+
+def _value_and_grad(loss: Tensor, recon: Tensor, differentiable: bool) -> _Term:
+    if not differentiable:
+        return _Term(loss.detach(), None)
+    (grad,) = torch.autograd.grad(loss, recon)  # frees the VGG / discriminator graph
+    return _Term(loss.detach(), grad)
+
+
 def generator_loss(
-    model: VideoTokenizer,
     video: Tensor,
     output: TokenizerOutput,
     *,
+    config: TokenizerConfig,
+    last_weight: Tensor,
+    training: bool,
+    perceptual: nn.Module | None = None,
+    discr: nn.Module | None = None,
+    multiscale_discrs: Sequence[nn.Module] = (),
     adversarial_loss_weight: float | None = None,
     multiscale_adversarial_loss_weight: float | None = None,
 ) -> tuple[Tensor, LossBreakdown]:
     """Total generator loss for `video` (B, C, T, H, W) and its tokenizer `output`.
 
+    Args:
+        config: the weights and settings (loss weights, use_gan, adversarial loss, kinds).
+        last_weight: the decoder's last weight (`Decoder.last_weight`), where the adaptive
+            adversarial weight compares gradient norms.
+        training: whether the tokenizer is training (the adaptive weight is only used then).
+        perceptual: the perceptual loss (frames, frames) -> scalar, or None.
+        discr, multiscale_discrs: the critics; frozen here (no gradient reaches them).
+        adversarial_loss_weight, multiscale_adversarial_loss_weight: overrides of the config's.
+
     The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
-    norm at the last decoder conv) when the perceptual loss is on, the model is training and
-    `config.adaptive_adversarial_weight` is set; otherwise the weight is 1, as in magvit2-pytorch.
+    norm at `last_weight`) when the perceptual loss is on, `training` and
+    `config.adaptive_adversarial_weight` are set; otherwise the weight is 1, as in magvit2-pytorch.
 
     The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
     backpropagated to the reconstruction once, here, and their graphs freed; the returned total
@@ -101,7 +134,6 @@ def generator_loss(
     sum, but VGG and discriminator are not backpropagated twice (once for the adaptive weight,
     once for the update) and their activations do not wait for the final backward pass.
     """
-    config = model.config
     adversarial_scale = _default(adversarial_loss_weight, config.adversarial_loss_weight)
     multiscale_scale = _default(
         multiscale_adversarial_loss_weight, config.multiscale_adversarial_loss_weight
@@ -109,88 +141,114 @@ def generator_loss(
     recon = output.recon
     differentiable = recon.requires_grad and torch.is_grad_enabled()
     zero = video.new_zeros((), dtype=torch.float32)
-    gen_loss = GEN_LOSSES[config.generator_adversarial_loss]
 
-    def value_and_grad(loss: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not differentiable:
-            return loss.detach(), None
-        (grad,) = torch.autograd.grad(loss, recon)  # frees the VGG / discriminator graph
-        return loss.detach(), grad
-
-    perceptual_loss, d_perceptual = zero, None
-    if model.perceptual is not None:
+    perceptual_term = _Term(zero, None)
+    if perceptual is not None:
         index = random_frame_index(video)  # the same frame of input and reconstruction
-        perceptual_loss, d_perceptual = value_and_grad(
-            model.perceptual(take_frames(video, index), take_frames(recon, index))
-        )
+        loss = perceptual(take_frames(video, index), take_frames(recon, index))
+        perceptual_term = _value_and_grad(loss, recon, differentiable)
 
-    use_gan = config.use_gan and model.discr is not None and adversarial_scale > 0
-    adversarial: list[tuple[Tensor, Tensor | None]] = []  # (loss, d loss / d recon)
-    scales: list[float] = []
-    with frozen(model.discriminators()):
-        if use_gan:
-            fake = critic_view(model, recon, random_frame_index(recon))
-            adversarial.append(value_and_grad(gen_loss(model.discr(fake).float())))
-            scales.append(adversarial_scale)
-        if config.use_gan and multiscale_scale > 0:
-            for discr in model.multiscale_discrs:
-                adversarial.append(value_and_grad(gen_loss(discr(recon).float())))
-                scales.append(multiscale_scale)
+    use_gan = config.use_gan and discr is not None and adversarial_scale > 0
+    critics = [discr] if use_gan else []
+    scales = [adversarial_scale] if use_gan else []
+    if config.use_gan and multiscale_scale > 0:
+        critics += list(multiscale_discrs)
+        scales += [multiscale_scale] * len(multiscale_discrs)
+    frozen_critics = ([discr] if discr is not None else []) + list(multiscale_discrs)
+    with frozen(frozen_critics):
+        adversarial = _adversarial_terms(config, recon, critics, use_gan, differentiable)
 
     weights = [torch.ones_like(zero) for _ in adversarial]
-    adaptive = config.adaptive_adversarial_weight and model.training
-    if adaptive and d_perceptual is not None and adversarial:
-        perceptual_norm = _last_layer_grad_norm(model, recon, d_perceptual)
+    adaptive = config.adaptive_adversarial_weight and training
+    if adaptive and perceptual_term.grad is not None and adversarial:
+        perceptual_norm = _last_layer_grad_norm(last_weight, recon, perceptual_term.grad)
         weights = [
-            adaptive_adversarial_weight(perceptual_norm, _last_layer_grad_norm(model, recon, g))
-            for _, g in adversarial
+            adaptive_adversarial_weight(
+                perceptual_norm, _last_layer_grad_norm(last_weight, recon, term.grad)
+            )
+            for term in adversarial
         ]
 
-    recon_loss = F.mse_loss(recon.float(), video.float())
-    total = recon_loss + output.aux_loss * config.quantizer_aux_loss_weight
-    total = total + perceptual_loss * config.perceptual_loss_weight
-    for (loss, _), weight, scale in zip(adversarial, weights, scales, strict=True):
-        total = total + loss * weight * scale
+    reconstruction = recon_loss(video, recon)
+    total = reconstruction + output.aux_loss * config.quantizer_aux_loss_weight
+    total = total + perceptual_term.loss * config.perceptual_loss_weight
+    for term, weight, scale in zip(adversarial, weights, scales, strict=True):
+        total = total + term.loss * weight * scale
     if differentiable:
-        upstream = torch.zeros_like(recon, dtype=torch.float32)
-        if d_perceptual is not None:
-            upstream += config.perceptual_loss_weight * d_perceptual.float()
-        for (_, grad), weight, scale in zip(adversarial, weights, scales, strict=True):
-            upstream += (weight * scale) * grad.float()
-        linear = (recon.float() * upstream).sum()
-        total = total + (linear - linear.detach())  # adds the gradient, not the value
+        total = total + _backpropagated(
+            recon, config.perceptual_loss_weight, perceptual_term, adversarial, weights, scales
+        )
 
     first_multiscale = 1 if use_gan else 0
     breakdown = LossBreakdown(
-        recon_loss,
+        reconstruction,
         output.aux_loss,
         output.quantizer_breakdown,
-        perceptual_loss,
-        adversarial[0][0] if use_gan else zero,
+        perceptual_term.loss,
+        adversarial[0].loss if use_gan else zero,
         weights[0] if use_gan else zero,
-        [loss for loss, _ in adversarial[first_multiscale:]],
+        [term.loss for term in adversarial[first_multiscale:]],
         weights[first_multiscale:],
     )
     return total, breakdown
+
+
+def _adversarial_terms(
+    config: TokenizerConfig,
+    recon: Tensor,
+    critics: list[nn.Module],
+    with_image_critic: bool,
+    differentiable: bool,
+) -> list[_Term]:
+    """The generator's adversarial loss against each critic: the first one (with
+    `with_image_critic`) sees `critic_view` of the reconstruction, the multiscale ones all of it."""
+    gen_loss = GEN_LOSSES[config.generator_adversarial_loss]
+    terms = []
+    for i, critic in enumerate(critics):
+        if i == 0 and with_image_critic:
+            seen = critic_view(config.discriminator_kind, recon, random_frame_index(recon))
+        else:
+            seen = recon
+        terms.append(_value_and_grad(gen_loss(critic(seen).float()), recon, differentiable))
+    return terms
+
+
+def _backpropagated(
+    recon: Tensor,
+    perceptual_weight: float,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    weights: list[Tensor],
+    scales: list[float],
+) -> Tensor:
+    """A zero-valued term whose gradient w.r.t. recon is that of the weighted frozen-network
+    losses (their gradients, already computed, summed)."""
+    upstream = torch.zeros_like(recon, dtype=torch.float32)
+    if perceptual.grad is not None:
+        upstream += perceptual_weight * perceptual.grad.float()
+    for term, weight, scale in zip(adversarial, weights, scales, strict=True):
+        upstream += (weight * scale) * term.grad.float()
+    linear = (recon.float() * upstream).sum()
+    return linear - linear.detach()  # adds the gradient, not the value
 
 
 def _default(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _last_layer_grad_norm(model: VideoTokenizer, recon: Tensor, grad_recon: Tensor) -> Tensor:
+def _last_layer_grad_norm(last_weight: Tensor, recon: Tensor, grad_recon: Tensor) -> Tensor:
     """||d loss / d W|| at the last decoder conv, from d loss / d recon (cheap: one layer)."""
-    (grad,) = torch.autograd.grad(
-        recon, model.last_decoder_weight, grad_outputs=grad_recon, retain_graph=True
-    )
+    (grad,) = torch.autograd.grad(recon, last_weight, grad_outputs=grad_recon, retain_graph=True)
     return grad.float().norm(2)
 
 
 def discriminator_loss(
-    model: VideoTokenizer,
     video: Tensor,
     recon: Tensor,
     *,
+    config: TokenizerConfig,
+    discr: nn.Module | None,
+    multiscale_discrs: Sequence[nn.Module] = (),
     apply_gradient_penalty: bool = True,
     gradient_penalty_scale: float = 1.0,
     lecam_weight: float = 0.0,
@@ -207,15 +265,15 @@ def discriminator_loss(
     added. `logits_out`, if given, receives the mean real and fake logits (and 'lecam', the
     unweighted LeCAM term, when it is on).
     """
-    if model.discr is None:
+    if discr is None:
         raise ValueError("this tokenizer has no discriminator (use_gan=False)")
-    config = model.config
     recon = recon.detach()
     index = random_frame_index(video)
-    real, fake = critic_view(model, video, index), critic_view(model, recon, index)
+    kind = config.discriminator_kind
+    real, fake = critic_view(kind, video, index), critic_view(kind, recon, index)
     if apply_gradient_penalty:
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
-    real_logits, fake_logits = model.discr(real), model.discr(fake)
+    real_logits, fake_logits = discr(real), discr(fake)
     loss_fn = DISCR_LOSSES[config.discriminator_adversarial_loss]
     discr_loss = loss_fn(fake_logits.float(), real_logits.float())
     lecam = None
@@ -231,7 +289,7 @@ def discriminator_loss(
             logits_out["lecam"] = lecam.detach()
 
     multiscale_losses = [
-        loss_fn(discr(recon).float(), discr(video).float()) for discr in model.multiscale_discrs
+        loss_fn(critic(recon).float(), critic(video).float()) for critic in multiscale_discrs
     ] or [video.new_zeros((), dtype=torch.float32)]
 
     penalty = video.new_zeros((), dtype=torch.float32)

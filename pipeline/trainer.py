@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import VideoTokenizer
+from model import Tokenizer, VideoTokenizer
+from model.critics import build_discriminators, build_perceptual
 from model.pretrained import save_pretrained
 from pipeline import engines as ds
 from pipeline import schedules
@@ -73,10 +74,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
-        tokenizer = VideoTokenizer.from_config(model_config)
-        critics = tokenizer.detach_discriminators() if tokenizer.discr is not None else None
-        if tokenizer.perceptual is not None:
-            tokenizer.perceptual.load()  # missing VGG weights: fail now, not at step 1
+        tokenizer = Tokenizer.from_config(model_config)
+        perceptual = build_perceptual(model_config)
+        critics = build_discriminators(model_config)
+        if perceptual is not None:
+            perceptual.load()  # missing VGG weights: fail now, not at step 1
         if config.init_from:
             self._init_from(Path(config.init_from), tokenizer, critics)
         if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
@@ -85,10 +87,12 @@ class Trainer:
         tokenizer.to(device)
         if critics is not None:
             critics.to(device)
+        if perceptual is not None:
+            perceptual.to(device)
         self.tokenizer, self.critics = tokenizer, critics
         self.engines = ds.build_engines(
-            GeneratorObjective(tokenizer),
-            DiscriminatorObjective(critics, tokenizer.discriminator_loss) if critics else None,
+            GeneratorObjective(tokenizer, perceptual, critics),
+            DiscriminatorObjective(critics, model_config) if critics else None,
             config,
             world,
         )
@@ -454,7 +458,7 @@ class Trainer:
         logger.info("exported the %s generator to %s", "EMA" if self.ema else "final", path)
         return path
 
-    def _init_from(self, source: Path, tokenizer: VideoTokenizer, critics) -> None:
+    def _init_from(self, source: Path, tokenizer: Tokenizer, critics) -> None:
         generator, discriminator = module_weights(source)
         generator = {k.removeprefix("tokenizer."): v for k, v in generator.items()}
         tokenizer.load_state_dict(generator)

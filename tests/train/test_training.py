@@ -126,12 +126,11 @@ def test_two_ranks_under_the_deepspeed_launcher_survive_a_killed_rank(tmp_path, 
 
 def trained_ema_model(checkpoint):
     """The tokenizer of a training checkpoint, with the EMA weights, built from its config."""
-    from model import VideoTokenizer
+    from model import Tokenizer
     from pipeline.config import load_config
 
     config = load_config(checkpoint / "config.yaml")
-    model = VideoTokenizer.from_config(config.model)
-    model.detach_discriminators()
+    model = Tokenizer.from_config(config.model)
     ema = torch.load(checkpoint / "ema.pt")
     state = {k: ema.get(k, v) for k, v in model.state_dict().items()}
     model.load_state_dict(state)
