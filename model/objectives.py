@@ -115,24 +115,14 @@ def generator_loss(
 ) -> tuple[Tensor, LossBreakdown]:
     """Total generator loss for `video` (B, C, T, H, W) and its tokenizer `output`.
 
-    Args:
-        config: the weights and settings (loss weights, use_gan, adversarial loss, kinds).
-        last_weight: the decoder's last weight (`Decoder.last_weight`), where the adaptive
-            adversarial weight compares gradient norms.
-        training: whether the tokenizer is training (the adaptive weight is only used then).
-        perceptual: the perceptual loss (frames, frames) -> scalar, or None.
-        discr, multiscale_discrs: the critics; frozen here (no gradient reaches them).
-        adversarial_loss_weight, multiscale_adversarial_loss_weight: overrides of the config's.
+    Args: `config` gives the weights and settings; `last_weight` is `Decoder.last_weight`;
+    `training`: the tokenizer's mode; `perceptual`: (frames, frames) -> scalar, or None; the
+    critics `discr`, `multiscale_discrs` are frozen here; the two weights override the config's.
 
     The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
     norm at `last_weight`) when the perceptual loss is on, `training` and
     `config.adaptive_adversarial_weight` are set; otherwise the weight is 1, as in magvit2-pytorch.
-
-    The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
-    backpropagated to the reconstruction once, here, and their graphs freed; the returned total
-    carries that gradient as a linear term. Its value and its gradient are those of the plain
-    sum, but VGG and discriminator are not backpropagated twice (once for the adaptive weight,
-    once for the update) and their activations do not wait for the final backward pass.
+    Value and gradient of the total are those of the plain sum (see `_backpropagated`).
     """
     adversarial_scale = _default(adversarial_loss_weight, config.adversarial_loss_weight)
     multiscale_scale = _default(
@@ -141,56 +131,80 @@ def generator_loss(
     recon = output.recon
     differentiable = recon.requires_grad and torch.is_grad_enabled()
     zero = video.new_zeros((), dtype=torch.float32)
-
-    perceptual_term = _Term(zero, None)
-    if perceptual is not None:
-        index = random_frame_index(video)  # the same frame of input and reconstruction
-        loss = perceptual(take_frames(video, index), take_frames(recon, index))
-        perceptual_term = _value_and_grad(loss, recon, differentiable)
+    perceptual_term = _perceptual_term(video, recon, perceptual, differentiable)
 
     use_gan = config.use_gan and discr is not None and adversarial_scale > 0
-    critics = [discr] if use_gan else []
-    scales = [adversarial_scale] if use_gan else []
-    if config.use_gan and multiscale_scale > 0:
-        critics += list(multiscale_discrs)
-        scales += [multiscale_scale] * len(multiscale_discrs)
-    frozen_critics = ([discr] if discr is not None else []) + list(multiscale_discrs)
-    with frozen(frozen_critics):
+    critics, scales = _scaled_critics(
+        config, discr if use_gan else None, multiscale_discrs, adversarial_scale, multiscale_scale
+    )
+    with frozen(([discr] if discr is not None else []) + list(multiscale_discrs)):
         adversarial = _adversarial_terms(config, recon, critics, use_gan, differentiable)
-
     weights = [torch.ones_like(zero) for _ in adversarial]
-    adaptive = config.adaptive_adversarial_weight and training
-    if adaptive and perceptual_term.grad is not None and adversarial:
-        perceptual_norm = _last_layer_grad_norm(last_weight, recon, perceptual_term.grad)
-        weights = [
-            adaptive_adversarial_weight(
-                perceptual_norm, _last_layer_grad_norm(last_weight, recon, term.grad)
-            )
-            for term in adversarial
-        ]
+    if config.adaptive_adversarial_weight and training:
+        weights = _adaptive_weights(last_weight, recon, perceptual_term, adversarial, weights)
 
     reconstruction = recon_loss(video, recon)
     total = reconstruction + output.aux_loss * config.quantizer_aux_loss_weight
     total = total + perceptual_term.loss * config.perceptual_loss_weight
     for term, weight, scale in zip(adversarial, weights, scales, strict=True):
         total = total + term.loss * weight * scale
-    if differentiable:
+    if differentiable:  # adds the gradient, not the value
         total = total + _backpropagated(
-            recon, config.perceptual_loss_weight, perceptual_term, adversarial, weights, scales
+            recon, config, perceptual_term, adversarial, weights, scales
         )
 
+    breakdown = _breakdown(reconstruction, output, perceptual_term, adversarial, weights, use_gan)
+    return total, breakdown
+
+
+def _breakdown(
+    reconstruction: Tensor,
+    output: TokenizerOutput,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    weights: list[Tensor],
+    use_gan: bool,
+) -> LossBreakdown:
+    """The terms in magvit2-pytorch's order: the image critic's first, then the multiscale."""
+    zero = reconstruction.new_zeros(())
     first_multiscale = 1 if use_gan else 0
-    breakdown = LossBreakdown(
+    return LossBreakdown(
         reconstruction,
         output.aux_loss,
         output.quantizer_breakdown,
-        perceptual_term.loss,
+        perceptual.loss,
         adversarial[0].loss if use_gan else zero,
         weights[0] if use_gan else zero,
         [term.loss for term in adversarial[first_multiscale:]],
         weights[first_multiscale:],
     )
-    return total, breakdown
+
+
+def _scaled_critics(
+    config: TokenizerConfig,
+    discr: nn.Module | None,
+    multiscale_discrs: Sequence[nn.Module],
+    adversarial_scale: float,
+    multiscale_scale: float,
+) -> tuple[list[nn.Module], list[float]]:
+    """The critics the generator plays against (the image one first), each with its scale."""
+    critics = [discr] if discr is not None else []
+    scales = [adversarial_scale] if discr is not None else []
+    if config.use_gan and multiscale_scale > 0:
+        critics += list(multiscale_discrs)
+        scales += [multiscale_scale] * len(multiscale_discrs)
+    return critics, scales
+
+
+def _perceptual_term(
+    video: Tensor, recon: Tensor, perceptual: nn.Module | None, differentiable: bool
+) -> _Term:
+    """The perceptual loss on one random frame (the same of input and reconstruction)."""
+    if perceptual is None:
+        return _Term(video.new_zeros((), dtype=torch.float32), None)
+    index = random_frame_index(video)
+    loss = perceptual(take_frames(video, index), take_frames(recon, index))
+    return _value_and_grad(loss, recon, differentiable)
 
 
 def _adversarial_terms(
@@ -213,19 +227,46 @@ def _adversarial_terms(
     return terms
 
 
+def _adaptive_weights(
+    last_weight: Tensor,
+    recon: Tensor,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    fixed: list[Tensor],
+) -> list[Tensor]:
+    """Per adversarial term, the perceptual vs adversarial gradient-norm ratio at the last
+    weight; `fixed` (ones) without a perceptual gradient or adversarial terms."""
+    if perceptual.grad is None or not adversarial:
+        return fixed
+    perceptual_norm = _last_layer_grad_norm(last_weight, recon, perceptual.grad)
+    return [
+        adaptive_adversarial_weight(
+            perceptual_norm, _last_layer_grad_norm(last_weight, recon, term.grad)
+        )
+        for term in adversarial
+    ]
+
+
 def _backpropagated(
     recon: Tensor,
-    perceptual_weight: float,
+    config: TokenizerConfig,
     perceptual: _Term,
     adversarial: list[_Term],
     weights: list[Tensor],
     scales: list[float],
 ) -> Tensor:
     """A zero-valued term whose gradient w.r.t. recon is that of the weighted frozen-network
-    losses (their gradients, already computed, summed)."""
+    losses (their gradients, already computed, summed).
+
+    The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
+    backpropagated to the reconstruction once, in `generator_loss`, and their graphs freed; the
+    total carries that gradient as this linear term. Its value and its gradient are those of the
+    plain sum, but VGG and discriminator are not backpropagated twice (once for the adaptive
+    weight, once for the update) and their activations do not wait for the final backward pass.
+    """
     upstream = torch.zeros_like(recon, dtype=torch.float32)
     if perceptual.grad is not None:
-        upstream += perceptual_weight * perceptual.grad.float()
+        upstream += config.perceptual_loss_weight * perceptual.grad.float()
     for term, weight, scale in zip(adversarial, weights, scales, strict=True):
         upstream += (weight * scale) * term.grad.float()
     linear = (recon.float() * upstream).sum()
@@ -276,12 +317,7 @@ def discriminator_loss(
     real_logits, fake_logits = discr(real), discr(fake)
     loss_fn = DISCR_LOSSES[config.discriminator_adversarial_loss]
     discr_loss = loss_fn(fake_logits.float(), real_logits.float())
-    lecam = None
-    if lecam_weight > 0:
-        if lecam_anchors is None:
-            raise ValueError("lecam_weight > 0 needs lecam_anchors (EMA real, EMA fake logits)")
-        ema_real, ema_fake = lecam_anchors.float().detach()
-        lecam = lecam_regularizer(real_logits.float(), fake_logits.float(), ema_real, ema_fake)
+    lecam = _lecam_term(real_logits, fake_logits, lecam_weight, lecam_anchors)
     if logits_out is not None:
         logits_out["real"] = real_logits.detach().float().mean()
         logits_out["fake"] = fake_logits.detach().float().mean()
@@ -303,3 +339,15 @@ def discriminator_loss(
     if lecam is not None:
         total = total + lecam * lecam_weight
     return total, DiscrLossBreakdown(discr_loss, multiscale_losses, penalty)
+
+
+def _lecam_term(
+    real_logits: Tensor, fake_logits: Tensor, lecam_weight: float, lecam_anchors: Tensor | None
+) -> Tensor | None:
+    """The unweighted LeCAM regulariser against the EMA anchors, or None when it is off."""
+    if lecam_weight <= 0:
+        return None
+    if lecam_anchors is None:
+        raise ValueError("lecam_weight > 0 needs lecam_anchors (EMA real, EMA fake logits)")
+    ema_real, ema_fake = lecam_anchors.float().detach()
+    return lecam_regularizer(real_logits.float(), fake_logits.float(), ema_real, ema_fake)

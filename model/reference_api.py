@@ -137,6 +137,10 @@ class VideoTokenizer(Tokenizer):
     `multiscale_discrs` are extra discriminators that take whole videos.
     """
 
+    perceptual: PerceptualLoss | None
+    discr: nn.Module | None
+    multiscale_discrs: nn.ModuleList
+
     def __init__(
         self,
         *,
@@ -186,8 +190,7 @@ class VideoTokenizer(Tokenizer):
             for k, v in locals().items()
             if k not in ("self", "__class__", "vgg", "multiscale_discrs")
         }
-        super().__init__(config_from_reference_kwargs(**kwargs))
-        self._add_training_parts(vgg, multiscale_discrs)
+        _build(self, config_from_reference_kwargs(**kwargs), vgg, multiscale_discrs)
 
     @classmethod
     def from_config(
@@ -197,19 +200,9 @@ class VideoTokenizer(Tokenizer):
         vgg: nn.Module | None = None,
         multiscale_discrs: Sequence[nn.Module] = (),
     ) -> VideoTokenizer:
-        model = cls.__new__(cls)
-        Tokenizer.__init__(model, config)
-        model._add_training_parts(vgg, multiscale_discrs)
+        model = cls.__new__(cls)  # the keyword constructor is the reference's
+        _build(model, config, vgg, multiscale_discrs)
         return model
-
-    def _add_training_parts(
-        self, vgg: nn.Module | None, multiscale_discrs: Sequence[nn.Module]
-    ) -> None:
-        # Registered after the tokenizer's own parts: the keys `discr.*`, `multiscale_discrs.*`
-        # come last, as magvit2-pytorch's do. The VGG stays outside the state dict.
-        self.perceptual: PerceptualLoss | None = build_perceptual(self.config, vgg)
-        self.discr = build_discriminator(self.config) if self.config.use_gan else None
-        self.multiscale_discrs = nn.ModuleList(multiscale_discrs)
 
     def discriminators(self) -> list[nn.Module]:
         found = [self.discr] if self.discr is not None else []
@@ -310,3 +303,18 @@ class VideoTokenizer(Tokenizer):
             adversarial_loss_weight=adversarial_loss_weight,
             multiscale_adversarial_loss_weight=multiscale_adversarial_loss_weight,
         )
+
+
+def _build(
+    model: VideoTokenizer,
+    config: TokenizerConfig,
+    vgg: nn.Module | None,
+    multiscale_discrs: Sequence[nn.Module],
+) -> None:
+    """Initialises `model`: the tokenizer, then its training-only parts. These are registered
+    after the tokenizer's own, so the keys `discr.*`, `multiscale_discrs.*` come last, as
+    magvit2-pytorch's do; the VGG stays outside the state dict."""
+    Tokenizer.__init__(model, config)
+    model.perceptual = build_perceptual(config, vgg)
+    model.discr = build_discriminator(config) if config.use_gan else None
+    model.multiscale_discrs = nn.ModuleList(multiscale_discrs)
