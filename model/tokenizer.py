@@ -219,6 +219,11 @@ class Tokenizer(nn.Module):
         recon = self.decode(quantized, cond, video_contains_first_frame)
         return TokenizerOutput(recon, codes, aux_loss, breakdown)
 
+    def forward(
+        self, video: Tensor, cond: Tensor | None = None, video_contains_first_frame: bool = True
+    ) -> TokenizerOutput:
+        return self.reconstruct(video, cond, video_contains_first_frame)
+
     @torch.no_grad()
     def tokenize(self, video: Tensor, cond: Tensor | None = None) -> Tensor:
         """Codes of a video or of images, in eval mode (restoring the previous mode)."""
