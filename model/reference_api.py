@@ -13,10 +13,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from model import objectives
 from model.config import DiscriminatorConfig, LayerSpec, TokenizerConfig
 from model.critics import build_discriminator, build_perceptual
 from model.losses import VGG16_CHECKPOINT_NAME, PerceptualLoss
+from model.objectives import (
+    DiscrLossBreakdown,
+    LossBreakdown,
+    discriminator_loss,
+    generator_loss,
+    recon_loss,
+)
 from model.streaming import decode_long, encode_long
 from model.tokenizer import Tokenizer, TokenizerOutput
 
@@ -114,7 +120,7 @@ def reference_forward(
     if not (return_loss or return_discr_loss or return_recon_loss_only):
         return output.recon
     if return_recon_loss_only:
-        return objectives.recon_loss(video, output.recon), output.recon
+        return recon_loss(video, output.recon), output.recon
     if return_discr_loss:
         return model.discriminator_loss(
             video, output.recon, apply_gradient_penalty=apply_gradient_penalty
@@ -244,9 +250,9 @@ class VideoTokenizer(Tokenizer):
         *,
         adversarial_loss_weight: float | None = None,
         multiscale_adversarial_loss_weight: float | None = None,
-    ) -> tuple[Tensor, objectives.LossBreakdown]:
-        """`objectives.generator_loss` with this model's parts."""
-        return objectives.generator_loss(
+    ) -> tuple[Tensor, LossBreakdown]:
+        """`model.objectives.generator_loss` with this model's parts."""
+        return generator_loss(
             video,
             output,
             config=self.config,
@@ -261,11 +267,11 @@ class VideoTokenizer(Tokenizer):
 
     def discriminator_loss(
         self, video: Tensor, recon: Tensor, **settings: Any
-    ) -> tuple[Tensor, objectives.DiscrLossBreakdown]:
-        """`objectives.discriminator_loss` with this model's critics; `settings` are its
+    ) -> tuple[Tensor, DiscrLossBreakdown]:
+        """`model.objectives.discriminator_loss` with this model's critics; `settings` are its
         keyword arguments (apply_gradient_penalty, gradient_penalty_scale, lecam_weight,
         lecam_anchors, logits_out)."""
-        return objectives.discriminator_loss(
+        return discriminator_loss(
             video,
             recon,
             config=self.config,
