@@ -148,7 +148,7 @@ def iteration_flops(config: TrainConfig, device: torch.device, dtype: torch.dtyp
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         tokenizer = VideoTokenizer.from_config(replace(config.model, gradient_checkpointing=False))
-        critics = tokenizer.detach_discriminators() if tokenizer.discr is not None else None
+        critics = tokenizer.discr  # the facade's: its losses use it
         if tokenizer.perceptual is not None:
             tokenizer.perceptual.load()
         tokenizer.to(device, dtype).train()

@@ -3,7 +3,8 @@
 from model.config import DiscriminatorConfig, LayerSpec, TokenizerConfig, parse_layers
 from model.objectives import DiscrLossBreakdown, LossBreakdown
 from model.quantizers import FSQ, LFQ, QuantizerLossBreakdown, QuantizerOutput
-from model.tokenizer import TokenizerOutput, VideoTokenizer
+from model.reference_api import VideoTokenizer
+from model.tokenizer import Tokenizer, TokenizerOutput
 
 __all__ = [
     "FSQ",
@@ -15,6 +16,7 @@ __all__ = [
     "QuantizerLossBreakdown",
     "QuantizerOutput",
     "TokenizerConfig",
+    "Tokenizer",
     "TokenizerOutput",
     "VideoTokenizer",
     "parse_layers",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from model.config import LayerSpec
-from model.tokenizer import VideoTokenizer
+from model.reference_api import VideoTokenizer
 
 logger = logging.getLogger(__name__)
 

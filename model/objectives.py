@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.config import TokenizerConfig
 from model.losses import (
     DISCR_LOSSES,
     GEN_LOSSES,
@@ -24,9 +25,7 @@ from model.losses import (
     gradient_penalty,
     lecam_regularizer,
 )
-
-if TYPE_CHECKING:
-    from model.tokenizer import TokenizerOutput, VideoTokenizer
+from model.tokenizer import TokenizerOutput
 
 # Field names and order of magvit2-pytorch's named tuples.
 LossBreakdown = namedtuple(
@@ -73,35 +72,58 @@ def take_frames(video: Tensor, index: Tensor) -> Tensor:
     return video[torch.arange(video.shape[0], device=video.device), :, index]
 
 
-def critic_view(model: VideoTokenizer, video: Tensor, index: Tensor) -> Tensor:
-    """What the discriminator sees of a (B, C, T, H, W) clip: frame index[b] of each (the 2-D
-    image discriminator) or the whole clip (the 3-D one)."""
-    if model.config.discriminator_kind == "3d":
+def critic_view(kind: str, video: Tensor, index: Tensor) -> Tensor:
+    """What the discriminator of `kind` ('2d' or '3d') sees of a (B, C, T, H, W) clip: frame
+    index[b] of each (the 2-D image discriminator) or the whole clip (the 3-D one)."""
+    if kind == "3d":
         return video
     return take_frames(video, index)
 
 
+def recon_loss(video: Tensor, recon: Tensor) -> Tensor:
+    """The reconstruction term: MSE in fp32."""
+    return F.mse_loss(recon.float(), video.float())
+
+
+class _Term(NamedTuple):
+    """A loss computed from the reconstruction by a frozen network, and d loss / d recon (None
+    when nothing is differentiable)."""
+
+    loss: Tensor
+    grad: Tensor | None
+
+
+def _value_and_grad(loss: Tensor, recon: Tensor, differentiable: bool) -> _Term:
+    if not differentiable:
+        return _Term(loss.detach(), None)
+    (grad,) = torch.autograd.grad(loss, recon)  # frees the VGG / discriminator graph
+    return _Term(loss.detach(), grad)
+
+
 def generator_loss(
-    model: VideoTokenizer,
     video: Tensor,
     output: TokenizerOutput,
     *,
+    config: TokenizerConfig,
+    last_weight: Tensor,
+    training: bool,
+    perceptual: nn.Module | None = None,
+    discr: nn.Module | None = None,
+    multiscale_discrs: Sequence[nn.Module] = (),
     adversarial_loss_weight: float | None = None,
     multiscale_adversarial_loss_weight: float | None = None,
 ) -> tuple[Tensor, LossBreakdown]:
     """Total generator loss for `video` (B, C, T, H, W) and its tokenizer `output`.
 
-    The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
-    norm at the last decoder conv) when the perceptual loss is on, the model is training and
-    `config.adaptive_adversarial_weight` is set; otherwise the weight is 1, as in magvit2-pytorch.
+    Args: `config` gives the weights and settings; `last_weight` is `Decoder.last_weight`;
+    `training`: the tokenizer's mode; `perceptual`: (frames, frames) -> scalar, or None; the
+    critics `discr`, `multiscale_discrs` are frozen here; the two weights override the config's.
 
-    The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
-    backpropagated to the reconstruction once, here, and their graphs freed; the returned total
-    carries that gradient as a linear term. Its value and its gradient are those of the plain
-    sum, but VGG and discriminator are not backpropagated twice (once for the adaptive weight,
-    once for the update) and their activations do not wait for the final backward pass.
+    The adversarial terms are scaled by the adaptive weight (perceptual vs adversarial gradient
+    norm at `last_weight`) when the perceptual loss is on, `training` and
+    `config.adaptive_adversarial_weight` are set; otherwise the weight is 1, as in magvit2-pytorch.
+    Value and gradient of the total are those of the plain sum (see `_backpropagated`).
     """
-    config = model.config
     adversarial_scale = _default(adversarial_loss_weight, config.adversarial_loss_weight)
     multiscale_scale = _default(
         multiscale_adversarial_loss_weight, config.multiscale_adversarial_loss_weight
@@ -109,88 +131,165 @@ def generator_loss(
     recon = output.recon
     differentiable = recon.requires_grad and torch.is_grad_enabled()
     zero = video.new_zeros((), dtype=torch.float32)
-    gen_loss = GEN_LOSSES[config.generator_adversarial_loss]
+    perceptual_term = _perceptual_term(video, recon, perceptual, differentiable)
 
-    def value_and_grad(loss: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not differentiable:
-            return loss.detach(), None
-        (grad,) = torch.autograd.grad(loss, recon)  # frees the VGG / discriminator graph
-        return loss.detach(), grad
+    use_gan = config.use_gan and discr is not None and adversarial_scale > 0
+    critics, scales = _scaled_critics(
+        config, discr if use_gan else None, multiscale_discrs, adversarial_scale, multiscale_scale
+    )
+    with frozen(([discr] if discr is not None else []) + list(multiscale_discrs)):
+        adversarial = _adversarial_terms(config, recon, critics, use_gan, differentiable)
+    weights = [torch.ones_like(zero) for _ in adversarial]
+    if config.adaptive_adversarial_weight and training:
+        weights = _adaptive_weights(last_weight, recon, perceptual_term, adversarial, weights)
 
-    perceptual_loss, d_perceptual = zero, None
-    if model.perceptual is not None:
-        index = random_frame_index(video)  # the same frame of input and reconstruction
-        perceptual_loss, d_perceptual = value_and_grad(
-            model.perceptual(take_frames(video, index), take_frames(recon, index))
+    reconstruction = recon_loss(video, recon)
+    total = reconstruction + output.aux_loss * config.quantizer_aux_loss_weight
+    total = total + perceptual_term.loss * config.perceptual_loss_weight
+    for term, weight, scale in zip(adversarial, weights, scales, strict=True):
+        total = total + term.loss * weight * scale
+    if differentiable:  # adds the gradient, not the value
+        total = total + _backpropagated(
+            recon, config, perceptual_term, adversarial, weights, scales
         )
 
-    use_gan = config.use_gan and model.discr is not None and adversarial_scale > 0
-    adversarial: list[tuple[Tensor, Tensor | None]] = []  # (loss, d loss / d recon)
-    scales: list[float] = []
-    with frozen(model.discriminators()):
-        if use_gan:
-            fake = critic_view(model, recon, random_frame_index(recon))
-            adversarial.append(value_and_grad(gen_loss(model.discr(fake).float())))
-            scales.append(adversarial_scale)
-        if config.use_gan and multiscale_scale > 0:
-            for discr in model.multiscale_discrs:
-                adversarial.append(value_and_grad(gen_loss(discr(recon).float())))
-                scales.append(multiscale_scale)
+    breakdown = _breakdown(reconstruction, output, perceptual_term, adversarial, weights, use_gan)
+    return total, breakdown
 
-    weights = [torch.ones_like(zero) for _ in adversarial]
-    adaptive = config.adaptive_adversarial_weight and model.training
-    if adaptive and d_perceptual is not None and adversarial:
-        perceptual_norm = _last_layer_grad_norm(model, recon, d_perceptual)
-        weights = [
-            adaptive_adversarial_weight(perceptual_norm, _last_layer_grad_norm(model, recon, g))
-            for _, g in adversarial
-        ]
 
-    recon_loss = F.mse_loss(recon.float(), video.float())
-    total = recon_loss + output.aux_loss * config.quantizer_aux_loss_weight
-    total = total + perceptual_loss * config.perceptual_loss_weight
-    for (loss, _), weight, scale in zip(adversarial, weights, scales, strict=True):
-        total = total + loss * weight * scale
-    if differentiable:
-        upstream = torch.zeros_like(recon, dtype=torch.float32)
-        if d_perceptual is not None:
-            upstream += config.perceptual_loss_weight * d_perceptual.float()
-        for (_, grad), weight, scale in zip(adversarial, weights, scales, strict=True):
-            upstream += (weight * scale) * grad.float()
-        linear = (recon.float() * upstream).sum()
-        total = total + (linear - linear.detach())  # adds the gradient, not the value
-
+def _breakdown(
+    reconstruction: Tensor,
+    output: TokenizerOutput,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    weights: list[Tensor],
+    use_gan: bool,
+) -> LossBreakdown:
+    """The terms in magvit2-pytorch's order: the image critic's first, then the multiscale."""
+    zero = reconstruction.new_zeros(())
     first_multiscale = 1 if use_gan else 0
-    breakdown = LossBreakdown(
-        recon_loss,
+    return LossBreakdown(
+        reconstruction,
         output.aux_loss,
         output.quantizer_breakdown,
-        perceptual_loss,
-        adversarial[0][0] if use_gan else zero,
+        perceptual.loss,
+        adversarial[0].loss if use_gan else zero,
         weights[0] if use_gan else zero,
-        [loss for loss, _ in adversarial[first_multiscale:]],
+        [term.loss for term in adversarial[first_multiscale:]],
         weights[first_multiscale:],
     )
-    return total, breakdown
+
+
+def _scaled_critics(
+    config: TokenizerConfig,
+    discr: nn.Module | None,
+    multiscale_discrs: Sequence[nn.Module],
+    adversarial_scale: float,
+    multiscale_scale: float,
+) -> tuple[list[nn.Module], list[float]]:
+    """The critics the generator plays against (the image one first), each with its scale."""
+    critics = [discr] if discr is not None else []
+    scales = [adversarial_scale] if discr is not None else []
+    if config.use_gan and multiscale_scale > 0:
+        critics += list(multiscale_discrs)
+        scales += [multiscale_scale] * len(multiscale_discrs)
+    return critics, scales
+
+
+def _perceptual_term(
+    video: Tensor, recon: Tensor, perceptual: nn.Module | None, differentiable: bool
+) -> _Term:
+    """The perceptual loss on one random frame (the same of input and reconstruction)."""
+    if perceptual is None:
+        return _Term(video.new_zeros((), dtype=torch.float32), None)
+    index = random_frame_index(video)
+    loss = perceptual(take_frames(video, index), take_frames(recon, index))
+    return _value_and_grad(loss, recon, differentiable)
+
+
+def _adversarial_terms(
+    config: TokenizerConfig,
+    recon: Tensor,
+    critics: list[nn.Module],
+    with_image_critic: bool,
+    differentiable: bool,
+) -> list[_Term]:
+    """The generator's adversarial loss against each critic: the first one (with
+    `with_image_critic`) sees `critic_view` of the reconstruction, the multiscale ones all of it."""
+    gen_loss = GEN_LOSSES[config.generator_adversarial_loss]
+    terms = []
+    for i, critic in enumerate(critics):
+        if i == 0 and with_image_critic:
+            seen = critic_view(config.discriminator_kind, recon, random_frame_index(recon))
+        else:
+            seen = recon
+        terms.append(_value_and_grad(gen_loss(critic(seen).float()), recon, differentiable))
+    return terms
+
+
+def _adaptive_weights(
+    last_weight: Tensor,
+    recon: Tensor,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    fixed: list[Tensor],
+) -> list[Tensor]:
+    """Per adversarial term, the perceptual vs adversarial gradient-norm ratio at the last
+    weight; `fixed` (ones) without a perceptual gradient or adversarial terms."""
+    if perceptual.grad is None or not adversarial:
+        return fixed
+    perceptual_norm = _last_layer_grad_norm(last_weight, recon, perceptual.grad)
+    return [
+        adaptive_adversarial_weight(
+            perceptual_norm, _last_layer_grad_norm(last_weight, recon, term.grad)
+        )
+        for term in adversarial
+    ]
+
+
+def _backpropagated(
+    recon: Tensor,
+    config: TokenizerConfig,
+    perceptual: _Term,
+    adversarial: list[_Term],
+    weights: list[Tensor],
+    scales: list[float],
+) -> Tensor:
+    """A zero-valued term whose gradient w.r.t. recon is that of the weighted frozen-network
+    losses (their gradients, already computed, summed).
+
+    The terms computed from the reconstruction by frozen networks (VGG, discriminators) are
+    backpropagated to the reconstruction once, in `generator_loss`, and their graphs freed; the
+    total carries that gradient as this linear term. Its value and its gradient are those of the
+    plain sum, but VGG and discriminator are not backpropagated twice (once for the adaptive
+    weight, once for the update) and their activations do not wait for the final backward pass.
+    """
+    upstream = torch.zeros_like(recon, dtype=torch.float32)
+    if perceptual.grad is not None:
+        upstream += config.perceptual_loss_weight * perceptual.grad.float()
+    for term, weight, scale in zip(adversarial, weights, scales, strict=True):
+        upstream += (weight * scale) * term.grad.float()
+    linear = (recon.float() * upstream).sum()
+    return linear - linear.detach()  # adds the gradient, not the value
 
 
 def _default(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _last_layer_grad_norm(model: VideoTokenizer, recon: Tensor, grad_recon: Tensor) -> Tensor:
+def _last_layer_grad_norm(last_weight: Tensor, recon: Tensor, grad_recon: Tensor) -> Tensor:
     """||d loss / d W|| at the last decoder conv, from d loss / d recon (cheap: one layer)."""
-    (grad,) = torch.autograd.grad(
-        recon, model.last_decoder_weight, grad_outputs=grad_recon, retain_graph=True
-    )
+    (grad,) = torch.autograd.grad(recon, last_weight, grad_outputs=grad_recon, retain_graph=True)
     return grad.float().norm(2)
 
 
 def discriminator_loss(
-    model: VideoTokenizer,
     video: Tensor,
     recon: Tensor,
     *,
+    config: TokenizerConfig,
+    discr: nn.Module | None,
+    multiscale_discrs: Sequence[nn.Module] = (),
     apply_gradient_penalty: bool = True,
     gradient_penalty_scale: float = 1.0,
     lecam_weight: float = 0.0,
@@ -207,23 +306,18 @@ def discriminator_loss(
     added. `logits_out`, if given, receives the mean real and fake logits (and 'lecam', the
     unweighted LeCAM term, when it is on).
     """
-    if model.discr is None:
+    if discr is None:
         raise ValueError("this tokenizer has no discriminator (use_gan=False)")
-    config = model.config
     recon = recon.detach()
     index = random_frame_index(video)
-    real, fake = critic_view(model, video, index), critic_view(model, recon, index)
+    kind = config.discriminator_kind
+    real, fake = critic_view(kind, video, index), critic_view(kind, recon, index)
     if apply_gradient_penalty:
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
-    real_logits, fake_logits = model.discr(real), model.discr(fake)
+    real_logits, fake_logits = discr(real), discr(fake)
     loss_fn = DISCR_LOSSES[config.discriminator_adversarial_loss]
     discr_loss = loss_fn(fake_logits.float(), real_logits.float())
-    lecam = None
-    if lecam_weight > 0:
-        if lecam_anchors is None:
-            raise ValueError("lecam_weight > 0 needs lecam_anchors (EMA real, EMA fake logits)")
-        ema_real, ema_fake = lecam_anchors.float().detach()
-        lecam = lecam_regularizer(real_logits.float(), fake_logits.float(), ema_real, ema_fake)
+    lecam = _lecam_term(real_logits, fake_logits, lecam_weight, lecam_anchors)
     if logits_out is not None:
         logits_out["real"] = real_logits.detach().float().mean()
         logits_out["fake"] = fake_logits.detach().float().mean()
@@ -231,7 +325,7 @@ def discriminator_loss(
             logits_out["lecam"] = lecam.detach()
 
     multiscale_losses = [
-        loss_fn(discr(recon).float(), discr(video).float()) for discr in model.multiscale_discrs
+        loss_fn(critic(recon).float(), critic(video).float()) for critic in multiscale_discrs
     ] or [video.new_zeros((), dtype=torch.float32)]
 
     penalty = video.new_zeros((), dtype=torch.float32)
@@ -245,3 +339,15 @@ def discriminator_loss(
     if lecam is not None:
         total = total + lecam * lecam_weight
     return total, DiscrLossBreakdown(discr_loss, multiscale_losses, penalty)
+
+
+def _lecam_term(
+    real_logits: Tensor, fake_logits: Tensor, lecam_weight: float, lecam_anchors: Tensor | None
+) -> Tensor | None:
+    """The unweighted LeCAM regulariser against the EMA anchors, or None when it is off."""
+    if lecam_weight <= 0:
+        return None
+    if lecam_anchors is None:
+        raise ValueError("lecam_weight > 0 needs lecam_anchors (EMA real, EMA fake logits)")
+    ema_real, ema_fake = lecam_anchors.float().detach()
+    return lecam_regularizer(real_logits.float(), fake_logits.float(), ema_real, ema_fake)

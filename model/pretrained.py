@@ -14,21 +14,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import TokenizerConfig
-from model.tokenizer import VideoTokenizer
+from model.reference_api import VideoTokenizer
+from model.tokenizer import Tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EXPORT_FORMAT_VERSION = 1
 
 
-def generator_state_dict(model: VideoTokenizer) -> dict[str, torch.Tensor]:
+def generator_state_dict(model: Tokenizer) -> dict[str, torch.Tensor]:
     """The weights inference needs: everything but the discriminators."""
     skip = ("discr.", "multiscale_discrs.")
     return {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
 
 
 def save_pretrained(
-    model: VideoTokenizer,
+    model: Tokenizer,
     directory: str | Path,
     *,
     state_dict: dict[str, torch.Tensor] | None = None,

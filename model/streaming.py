@@ -24,16 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from model.chunked_layers import WholeLengthConvs, chunked_layer
 from model.conv import pad_time_past
-
-if TYPE_CHECKING:
-    from model.tokenizer import VideoTokenizer
+from model.tokenizer import Tokenizer
 
 
 def check_chunk_frames(chunk_frames: int, time_factor: int) -> None:
@@ -67,7 +64,7 @@ class StreamingEncoder:
     under `torch.no_grad()` with the model in eval mode (`encode_long` does both).
     """
 
-    def __init__(self, model: VideoTokenizer, num_frames: int, cond: Tensor | None = None) -> None:
+    def __init__(self, model: Tokenizer, num_frames: int, cond: Tensor | None = None) -> None:
         config = model.config
         if not config.num_frames_ok(num_frames):
             f = config.time_downsample_factor
@@ -79,13 +76,14 @@ class StreamingEncoder:
         self._cond: Tensor | None = None
         f = model.time_downsample_factor
         padded = num_frames + f - 1  # after the encoder's f - 1 zero frames in front
-        self._separate_first = model.conv_in_first_frame is not None
+        encoder = model.encoder
+        self._separate_first = encoder.conv_in_first_frame is not None
         self._stem = chunked_layer(
-            model.conv_in, num_frames - 1 if self._separate_first else padded
+            encoder.conv_in, num_frames - 1 if self._separate_first else padded
         )
         self._layers = []
         for spec, layer, takes_cond in zip(
-            config.layers, model.encoder_layers, model._encoder_takes_cond, strict=True
+            config.layers, encoder.layers, encoder.takes_cond, strict=True
         ):
             self._layers.append(chunked_layer(layer, padded, takes_cond))
             if spec.compresses_time:
@@ -103,15 +101,15 @@ class StreamingEncoder:
     def encode(self, frames: Tensor) -> Tensor:
         """Next chunk (B, C, n, H, W) -> its latents (B, D, n', h, w), before quantization."""
         self._check_chunk(frames)
-        model = self.model
+        model, encoder = self.model, self.model.encoder
         if self.frames_done == 0:
-            self._cond = model._embed_cond(self.cond_input, model.encoder_cond_in, len(frames))
+            self._cond = encoder.embed_cond(self.cond_input, len(frames))
         with WholeLengthConvs() as convs:
             x = frames
             if self.frames_done == 0:
                 pad = model.time_downsample_factor - 1
                 if self._separate_first:
-                    x = model.conv_in_first_frame(frames[:, :, 0]).unsqueeze(2)  # (b, d, 1, h, w)
+                    x = encoder.conv_in_first_frame(frames[:, :, 0]).unsqueeze(2)  # (b, d, 1, h, w)
                     if frames.shape[2] > 1:
                         rest = self._stem(frames[:, :, 1:], None, convs)
                         x = torch.cat((x, rest), dim=2)
@@ -123,7 +121,7 @@ class StreamingEncoder:
             for layer in self._layers:
                 x = layer(x, self._cond, convs)
             if not model.config.reference_quirks:
-                x = model.encoder_norm(x)  # (b, D, n / f, h, w)
+                x = encoder.norm(x)  # (b, D, n / f, h, w)
         self.frames_done += frames.shape[2]
         return x
 
@@ -136,7 +134,7 @@ class StreamingDecoder:
     """
 
     def __init__(
-        self, model: VideoTokenizer, num_latent_frames: int, cond: Tensor | None = None
+        self, model: Tokenizer, num_latent_frames: int, cond: Tensor | None = None
     ) -> None:
         if num_latent_frames < 1:
             raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
@@ -147,16 +145,17 @@ class StreamingDecoder:
         self.cond_input = cond
         self._cond: Tensor | None = None
         length = num_latent_frames
+        decoder = model.decoder
         self._layers = []
         for spec, layer, takes_cond in zip(
-            reversed(config.layers), model.decoder_layers, model._decoder_takes_cond, strict=True
+            reversed(config.layers), decoder.layers, decoder.takes_cond, strict=True
         ):
             self._layers.append(chunked_layer(layer, length, takes_cond))
             if spec.compresses_time:
                 length *= 2
         f = model.time_downsample_factor
-        self._separate_first = model.conv_out_first_frame is not None
-        self._tail = chunked_layer(model.conv_out, length - f if self._separate_first else length)
+        self._separate_first = decoder.conv_out_first_frame is not None
+        self._tail = chunked_layer(decoder.conv_out, length - f if self._separate_first else length)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Next chunk of quantized latents (B, D, n, h, w) -> its frames (B, C, n', H, W)."""
@@ -172,16 +171,16 @@ class StreamingDecoder:
             )
         first = self.latent_frames_done == 0
         if first:
-            self._cond = model._embed_cond(self.cond_input, model.decoder_cond_in, len(latents))
+            self._cond = model.decoder.embed_cond(self.cond_input, len(latents))
         pad = model.time_downsample_factor - 1
         with WholeLengthConvs() as convs:
-            x = latents.contiguous()  # as VideoTokenizer.decode
+            x = latents.contiguous()  # as Decoder.forward
             for layer in self._layers:
                 x = layer(x, self._cond, convs)  # (b, d, n * f, h, w) at the end
             if not first:
                 out = self._tail(x, None, convs)
             elif self._separate_first:
-                out = model.conv_out_first_frame(x[:, :, pad]).unsqueeze(2)
+                out = model.decoder.conv_out_first_frame(x[:, :, pad]).unsqueeze(2)
                 if x.shape[2] > pad + 1:
                     out = torch.cat((out, self._tail(x[:, :, pad + 1 :], None, convs)), dim=2)
             else:
@@ -203,7 +202,7 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def encode_long(
-    model: VideoTokenizer,
+    model: Tokenizer,
     video: Tensor,
     chunk_frames: int,
     cond: Tensor | None = None,
@@ -234,7 +233,7 @@ def encode_long(
 
 
 def decode_long(
-    model: VideoTokenizer,
+    model: Tokenizer,
     codes_or_latents: Tensor,
     chunk_latent_frames: int,
     cond: Tensor | None = None,
@@ -247,7 +246,7 @@ def decode_long(
         raise ValueError(f"chunk_latent_frames must be >= 1, got {chunk_latent_frames}")
     is_codes = not codes_or_latents.is_floating_point()
     if is_codes:
-        codes = model._check_codes(codes_or_latents)  # (B, t, h, w[, c])
+        codes = model.check_codes(codes_or_latents)  # (B, t, h, w[, c])
         num_latent_frames = codes.shape[1]
     else:
         latents = codes_or_latents

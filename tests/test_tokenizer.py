@@ -275,7 +275,7 @@ def _plain_generator_loss(model, x):
     from model.objectives import frozen, random_frame_index, take_frames
 
     out = model.reconstruct(x)
-    weight = model.last_decoder_weight
+    weight = model.decoder.last_weight
 
     def norm(loss):
         return torch.autograd.grad(loss, weight, retain_graph=True)[0].norm()
@@ -335,19 +335,31 @@ def test_export_round_trip(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_detached_discriminators_still_drive_the_losses():
-    model = tiny_tokenizer(use_gan=True)
-    count = len(list(model.parameters()))
-    critics = model.detach_discriminators()
+def test_separately_built_discriminators_drive_the_losses():
+    from model import Tokenizer
+    from model.critics import build_discriminators
+    from model.objectives import discriminator_loss, generator_loss
+
+    full = tiny_tokenizer(use_gan=True)
+    count = len(list(full.parameters()))
+    torch.manual_seed(0)
+    model = Tokenizer.from_config(full.config)
+    critics = build_discriminators(full.config)
     assert not any(k.startswith("discr.") for k in model.state_dict())
     assert len(list(model.parameters())) + len(list(critics.parameters())) == count
-    assert {id(p) for p in model.discriminator_parameters()} == {
-        id(p) for p in critics.parameters()
-    }
+    assert list(model.state_dict()) + list(critics.state_dict()) == list(full.state_dict())
     x = video(frames=5)
     out = model.reconstruct(x)
-    d_loss, _ = model.discriminator_loss(x, out.recon)
+    parts = dict(discr=critics.discr, multiscale_discrs=critics.multiscale_discrs)
+    d_loss, _ = discriminator_loss(x, out.recon, config=model.config, **parts)
     d_loss.backward()
     assert all(p.grad is not None for p in critics.parameters())
-    g_loss, breakdown = model.generator_loss(x, out)
+    g_loss, breakdown = generator_loss(
+        x,
+        out,
+        config=model.config,
+        last_weight=model.decoder.last_weight,
+        training=model.training,
+        **parts,
+    )
     assert breakdown.adversarial_gen_loss != 0

@@ -227,7 +227,7 @@ def decode_file(
             source,
             meta.checkpoint_sha256[:12],
         )
-    codes = model._check_codes(torch.from_numpy(array.astype(np.int64))[None])  # (1, t, h, w...)
+    codes = model.check_codes(torch.from_numpy(array.astype(np.int64))[None])  # (1, t, h, w...)
     if chunk_latent_frames < 1:
         raise ValueError(f"chunk_latent_frames must be >= 1, got {chunk_latent_frames}")
     device = next(model.parameters()).device

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model import VideoTokenizer
+from model import Tokenizer
 from model.pretrained import save_pretrained
 from pipeline.train.checkpointing import latest_checkpoint, module_weights, set_rng_state
 
@@ -99,7 +99,7 @@ def export(trainer: Trainer) -> Path | None:
 
 
 def load_initial_weights(
-    source: Path, tokenizer: VideoTokenizer, critics: torch.nn.Module | None, rank: int
+    source: Path, tokenizer: Tokenizer, critics: torch.nn.Module | None, rank: int
 ) -> None:
     """`init_from`: another run's generator (and discriminator) weights; optimizer state starts
     fresh."""

@@ -28,7 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from data_prep.format import read_manifest
-from model import VideoTokenizer
+from model import Tokenizer
+from model.critics import build_discriminators, build_perceptual
+from model.losses import PerceptualLoss
 from pipeline.train.config import TrainConfig
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 
@@ -176,9 +178,9 @@ def data_counts(config: TrainConfig) -> dict[str, dict[str, int]]:
     return out
 
 
-def _meta_perceptual(tokenizer: VideoTokenizer) -> None:
+def _meta_perceptual(perceptual: PerceptualLoss | None) -> None:
     """The VGG16 of the perceptual loss as a shape-only stand-in: no weights are read."""
-    if tokenizer.perceptual is None:
+    if perceptual is None:
         return
     import torchvision
 
@@ -186,21 +188,22 @@ def _meta_perceptual(tokenizer: VideoTokenizer) -> None:
 
     with torch.device("meta"):
         network = vgg16_fc7_features(torchvision.models.vgg16(weights=None))
-    tokenizer.perceptual.set_network(network)
+    perceptual.set_network(network)
 
 
 def _build(config: TrainConfig, checkpointing: bool, dtype: torch.dtype):
     """On the meta device, in the engines' weight dtype (DeepSpeed's bf16 engines hold bf16)."""
     with torch.device("meta"):
-        tokenizer = VideoTokenizer.from_config(
-            replace(config.model, gradient_checkpointing=checkpointing)
-        )
-    critics = tokenizer.detach_discriminators() if tokenizer.discr is not None else None
-    _meta_perceptual(tokenizer)
-    tokenizer.to(dtype)
+        model_config = replace(config.model, gradient_checkpointing=checkpointing)
+        tokenizer = Tokenizer.from_config(model_config)
+        perceptual = build_perceptual(model_config)
+        critics = build_discriminators(model_config)
+    _meta_perceptual(perceptual)
+    generator = GeneratorObjective(tokenizer, perceptual, critics)
+    generator.to(dtype)
     if critics is not None:
         critics.to(dtype)
-    return tokenizer, critics
+    return generator, critics
 
 
 def _clip(config: TrainConfig, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -208,16 +211,16 @@ def _clip(config: TrainConfig, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(batch, config.model.channels, frames, size, size, device="meta", dtype=dtype)
 
 
-def _generator_step(tokenizer, critics, video, adversarial: float, backward: bool = True):
+def _generator_step(generator, critics, video, adversarial: float, backward: bool = True):
     with frozen_parameters(critics):
-        loss, recon, _, _ = GeneratorObjective(tokenizer)(video, adversarial)
+        loss, recon, _, _ = generator(video, adversarial)
         if backward:
             loss.backward()
     return recon
 
 
-def _discriminator_step(tokenizer, critics, video, recon, penalty: bool, config: TrainConfig):
-    objective = DiscriminatorObjective(critics, tokenizer.discriminator_loss)
+def _discriminator_step(critics, video, recon, penalty: bool, config: TrainConfig):
+    objective = DiscriminatorObjective(critics, config.model)
     loss, _, _ = objective(
         video,
         recon,
@@ -258,21 +261,21 @@ def _state_bytes(parameters: int, config: TrainConfig, zero_stage: int, world: i
 def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
     report = DryRunReport(world_size=world_size, data=data_counts(config))
-    tokenizer, critics = _build(config, checkpointing=False, dtype=dtype)
-    report.generator_parameters = _count(tokenizer)
+    generator, critics = _build(config, checkpointing=False, dtype=dtype)
+    report.generator_parameters = _count(generator)
     report.discriminator_parameters = _count(critics)
     adversarial = config.model.adversarial_loss_weight if critics is not None else 0.0
     # The autocast of the trainer is not reproduced: FLOPs do not depend on it, and the saved
     # activations are counted at the training dtype of the input clip.
     with FlopCount() as flops:  # the math attention path: flop_counter has its formulas
-        recon = _generator_step(tokenizer, critics, _clip(config, 1, dtype), adversarial)
+        recon = _generator_step(generator, critics, _clip(config, 1, dtype), adversarial)
     report.generator_flops_per_clip = float(flops.flops)
-    layers = list(tokenizer.encoder_layers) + list(tokenizer.decoder_layers)
-    saved = _SavedBytes(layers, _parameters(tokenizer, critics))
+    layers = list(generator.tokenizer.encoder.layers) + list(generator.tokenizer.decoder.layers)
+    saved = _SavedBytes(layers, _parameters(generator, critics))
     # Saved tensors are all packed in the forward. (Not the backward: autograd runs it on its
     # own thread, outside the attention mode, and a checkpointed layer would recompute there.)
     with _FusedAttention(), saved.counting():
-        _generator_step(tokenizer, critics, _clip(config, 1, dtype), adversarial, backward=False)
+        _generator_step(generator, critics, _clip(config, 1, dtype), adversarial, backward=False)
     micro = config.micro_batch_size
     activations = {
         "generator": saved.total * micro,
@@ -280,9 +283,7 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
         + max(saved.per_layer.values(), default=0) * micro,  # saved + the largest layer
     }
     if critics is not None:
-        flops_per_clip, critic_saved = _measure_discriminator(
-            tokenizer, critics, recon, config, dtype
-        )
+        flops_per_clip, critic_saved = _measure_discriminator(critics, recon, config, dtype)
         report.discriminator_flops_per_clip = flops_per_clip
         activations["discriminator"] = critic_saved * micro
     report.memory_bytes = _memory_table(report, config, world_size, activations)
@@ -290,7 +291,6 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRunReport:
 
 
 def _measure_discriminator(
-    tokenizer: nn.Module,
     critics: nn.Module,
     recon: torch.Tensor,
     config: TrainConfig,
@@ -303,7 +303,7 @@ def _measure_discriminator(
     for penalty in (False, True):
         counting = saved.counting() if penalty else contextlib.nullcontext()
         with FlopCount() as flops, counting:
-            _discriminator_step(tokenizer, critics, _clip(config, 1, dtype), recon, penalty, config)
+            _discriminator_step(critics, _clip(config, 1, dtype), recon, penalty, config)
         per_step.append(float(flops.flops))
     every = config.losses.gradient_penalty_every
     return per_step[0] + (per_step[1] - per_step[0]) / every, saved.total

@@ -8,12 +8,13 @@ the scalar loss as the only tensor that requires grad, satisfies both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
-from model import VideoTokenizer
+from model import Tokenizer, TokenizerConfig
+from model.discriminator import Discriminators
+from model.objectives import discriminator_loss, generator_loss
 
 
 def _detached(value: Any) -> Any:
@@ -30,14 +31,33 @@ class GeneratorObjective(nn.Module):
     """forward(video, adversarial_loss_weight) -> (loss, recon, codes, LossBreakdown); only the
     loss carries gradient. The discriminators are called as plain modules inside."""
 
-    def __init__(self, tokenizer: VideoTokenizer) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        perceptual: nn.Module | None = None,
+        critics: Discriminators | None = None,
+    ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.perceptual = perceptual  # non-persistent buffers only: the VGG is not in its tree
+        # The critics belong to the discriminator engine: plain references, not submodules.
+        self.critic_parts = (
+            (None, ()) if critics is None else (critics.discr, tuple(critics.multiscale_discrs))
+        )
 
     def forward(self, video: Tensor, adversarial_loss_weight: float) -> tuple:
         output = self.tokenizer.reconstruct(video)
-        loss, breakdown = self.tokenizer.generator_loss(
-            video, output, adversarial_loss_weight=adversarial_loss_weight
+        discr, multiscale_discrs = self.critic_parts
+        loss, breakdown = generator_loss(
+            video,
+            output,
+            config=self.tokenizer.config,
+            last_weight=self.tokenizer.decoder.last_weight,
+            training=self.tokenizer.training,
+            perceptual=self.perceptual,
+            discr=discr,
+            multiscale_discrs=multiscale_discrs,
+            adversarial_loss_weight=adversarial_loss_weight,
         )
         return loss, output.recon.detach(), output.codes, _detached(breakdown)
 
@@ -47,10 +67,10 @@ class DiscriminatorObjective(nn.Module):
     lecam_anchors) -> (loss, DiscrLossBreakdown, {'real', 'fake'} mean logits and 'lecam' when
     lecam_weight > 0)."""
 
-    def __init__(self, critics: nn.Module, loss_fn: Callable[..., tuple[Tensor, Any]]) -> None:
+    def __init__(self, critics: Discriminators, config: TokenizerConfig) -> None:
         super().__init__()
         self.critics = critics
-        self.loss_fn = loss_fn  # the tokenizer's bound method: not a submodule of this engine
+        self.config = config  # the loss weights and settings
 
     def forward(
         self,
@@ -62,9 +82,12 @@ class DiscriminatorObjective(nn.Module):
         lecam_anchors: Tensor | None = None,
     ) -> tuple:
         logits: dict[str, Tensor] = {}
-        loss, breakdown = self.loss_fn(
+        loss, breakdown = discriminator_loss(
             video,
             recon,
+            config=self.config,
+            discr=self.critics.discr,
+            multiscale_discrs=self.critics.multiscale_discrs,
             apply_gradient_penalty=apply_gradient_penalty,
             gradient_penalty_scale=gradient_penalty_scale,
             lecam_weight=lecam_weight,

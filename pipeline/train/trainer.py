@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model import VideoTokenizer
+from model import Tokenizer, VideoTokenizer
+from model.critics import build_discriminators, build_perceptual
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
 from pipeline.distributed.world import World
@@ -66,12 +67,10 @@ class Trainer:
         if device.type == "cuda":
             # Training shapes are static: the algorithm search pays off after the first step.
             torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
-        self.tokenizer, self.critics = self._build_models()
+        self.tokenizer, perceptual, self.critics = self._build_models()
         self.engines = ds.build_engines(
-            GeneratorObjective(self.tokenizer),
-            DiscriminatorObjective(self.critics, self.tokenizer.discriminator_loss)
-            if self.critics
-            else None,
+            GeneratorObjective(self.tokenizer, perceptual, self.critics),
+            DiscriminatorObjective(self.critics, self.config.model) if self.critics else None,
             config,
             world,
         )
@@ -103,16 +102,17 @@ class Trainer:
         self.health = HealthMonitor(config.health)
         self.fixed_batch: torch.Tensor | None = None
 
-    def _build_models(self) -> tuple[VideoTokenizer, nn.Module | None]:
-        """The tokenizer and its detached discriminators (None without a GAN), initialised (or
-        loaded from `init_from`) identically on every rank, on the device."""
+    def _build_models(self) -> tuple[Tokenizer, nn.Module | None, nn.Module | None]:
+        """The tokenizer, its perceptual loss and its discriminators (each None when off),
+        initialised (or loaded from `init_from`) identically on every rank, on the device."""
         config, device = self.config, self.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
-        tokenizer = VideoTokenizer.from_config(model_config)
-        critics = tokenizer.detach_discriminators() if tokenizer.discr is not None else None
-        if tokenizer.perceptual is not None:
-            tokenizer.perceptual.load()  # missing VGG weights: fail now, not at step 1
+        tokenizer = Tokenizer.from_config(model_config)
+        perceptual = build_perceptual(model_config)
+        critics = build_discriminators(model_config)
+        if perceptual is not None:
+            perceptual.load()  # missing VGG weights: fail now, not at step 1
         if config.init_from:
             checkpoint_flow.load_initial_weights(
                 Path(config.init_from), tokenizer, critics, self.world.rank
@@ -123,7 +123,9 @@ class Trainer:
         tokenizer.to(device)
         if critics is not None:
             critics.to(device)
-        return tokenizer, critics
+        if perceptual is not None:
+            perceptual.to(device)
+        return tokenizer, perceptual, critics
 
     def _load_metric_networks(self) -> tuple:
         """(LPIPS, I3D, InceptionV3) statuses for evaluation; Nones without `eval_data`."""

@@ -9,9 +9,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainrun import CONFIG, REPO, _env
 
-from model import VideoTokenizer
+from model import Tokenizer
+from model.critics import build_discriminators, build_perceptual
 from pipeline.train.config import load_config
 from pipeline.train.dry_run import FlopCount, _generator_step, dry_run
+from pipeline.train.objectives import GeneratorObjective
 
 BASE_128 = CONFIG.parent / "base_128.yaml"
 
@@ -24,8 +26,8 @@ def test_parameters_match_the_built_models_and_it_takes_seconds():
         assert time.perf_counter() - start < 60
         assert not torch.distributed.is_initialized()
         with torch.device("meta"):
-            tokenizer = VideoTokenizer.from_config(config.model)
-        critics = tokenizer.detach_discriminators()
+            tokenizer = Tokenizer.from_config(config.model)
+            critics = build_discriminators(config.model)
         assert report.generator_parameters == sum(p.numel() for p in tokenizer.parameters())
         assert report.discriminator_parameters == sum(p.numel() for p in critics.parameters())
         assert report.generator_flops_per_clip > 0 and report.discriminator_flops_per_clip > 0
@@ -53,12 +55,14 @@ def test_generator_flops_equal_a_real_steps():
     config = load_config(CONFIG)
     report = dry_run(config, 1)
     torch.manual_seed(0)
-    tokenizer = VideoTokenizer.from_config(config.model)
-    critics = tokenizer.detach_discriminators()
+    tokenizer = Tokenizer.from_config(config.model)
+    perceptual = build_perceptual(config.model)
+    critics = build_discriminators(config.model)
+    generator = GeneratorObjective(tokenizer, perceptual, critics)
     size = config.model.image_size
     video = torch.rand(1, 3, config.data.num_frames, size, size) * 2 - 1
     with sdpa_kernel(SDPBackend.MATH), FlopCount() as flops:
-        _generator_step(tokenizer, critics, video, config.model.adversarial_loss_weight)
+        _generator_step(generator, critics, video, config.model.adversarial_loss_weight)
     assert flops.flops == report.generator_flops_per_clip
 
 

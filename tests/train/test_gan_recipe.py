@@ -180,7 +180,7 @@ def test_a_fixed_adversarial_weight_is_one_and_takes_no_last_layer_gradient(monk
     )
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     total.backward()
-    assert model.last_decoder_weight.grad is not None  # the update still trains it
+    assert model.decoder.last_weight.grad is not None  # the update still trains it
 
 
 # Annealed quantizer weights.
