@@ -24,7 +24,26 @@ from pathlib import Path
 # (file relative to the repository root, the reported expression) -> why it is allowed. A failing
 # test prints each violation as `path:line: expression`; the key is (path, expression).
 ALLOWED_PRIVATE: dict[tuple[str, str], str] = {
-    ("pipeline/train.py", "os._exit"): "documented public API: exit without interpreter teardown",
+    ("pipeline/train/__main__.py", "os._exit"): (
+        "documented public API: exit without interpreter teardown"
+    ),
+    ("pipeline/train/objectives.py", "value._fields"): "namedtuple's documented field list",
+    ("pipeline/train/dry_run.py", "torch.utils._python_dispatch"): (
+        "TorchDispatchMode has no public module; torch.utils.flop_counter itself uses it"
+    ),
+    ("pipeline/train/dry_run.py", "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu"): (
+        "an aten operator's name (the CPU fused attention), not an attribute of ours"
+    ),
+    ("pipeline/train/dry_run.py", "p.untyped_storage()._cdata"): (
+        "meta tensors have data_ptr() 0: the storage handle is their only identity"
+    ),
+    ("pipeline/train/dry_run.py", "storage._cdata"): "the same storage identity",
+    ("pipeline/train/engines.py", "engine._config"): (
+        "DeepSpeed reads load_universal_checkpoint from it and has no public setter"
+    ),
+    ("pipeline/data/yuv.py", "torch.UntypedStorage._new_shared"): (
+        "shared memory in one allocation (share_memory_() copies); default_collate uses it too"
+    ),
 }
 
 PACKAGES = ("model", "pipeline", "data_prep")

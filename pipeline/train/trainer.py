@@ -21,16 +21,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model import Tokenizer, VideoTokenizer
+from model import Tokenizer
 from model.critics import build_discriminators, build_perceptual
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
 from pipeline.distributed.world import World
 from pipeline.inference.quality import load_lpips
 from pipeline.inference.video_features import load_i3d, load_inception
-from pipeline.train import checkpoint_flow, reporting, schedules
 from pipeline.train import engines as ds
+from pipeline.train import schedules
 from pipeline.train.callbacks import Callbacks, TrainerCallback
+from pipeline.train.checkpoint_flow import CheckpointFlow, load_initial_weights
 from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.config import TrainConfig, dump_config
 from pipeline.train.ema import EMA
@@ -38,11 +39,15 @@ from pipeline.train.health import HealthMonitor
 from pipeline.train.metrics import CodebookStats, TensorBoard
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.train.preemption import StopRequests
+from pipeline.train.reporting import Reporting
 
 logger = logging.getLogger(__name__)
 
 
-class Trainer:
+class Trainer(CheckpointFlow, Reporting):
+    """The training loop; its checkpoints (`CheckpointFlow`: save, maybe_resume, export) and its
+    reporting (`Reporting`: log, inference_model, evaluate) are mixins of their own files."""
+
     def __init__(
         self,
         config: TrainConfig,
@@ -114,9 +119,7 @@ class Trainer:
         if perceptual is not None:
             perceptual.load()  # missing VGG weights: fail now, not at step 1
         if config.init_from:
-            checkpoint_flow.load_initial_weights(
-                Path(config.init_from), tokenizer, critics, self.world.rank
-            )
+            load_initial_weights(Path(config.init_from), tokenizer, critics, self.world.rank)
         if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
             # LFQ's batch code distribution over all ranks, as the batch entropy is defined.
             tokenizer.quantizer.batch_probs_reducer = differentiable_mean
@@ -316,10 +319,6 @@ class Trainer:
 
     # Observability.
 
-    def log(self, window: dict[str, list[float]]) -> None:
-        """Window means, averaged across ranks (a collective), to TensorBoard on rank 0."""
-        reporting.log(self, window)
-
     def log_video(self, batch: Batch) -> None:
         if self.world.rank != 0:
             return
@@ -328,27 +327,6 @@ class Trainer:
         with torch.no_grad():
             recon = model(video)
         self.tensorboard.video("reconstruction/real_vs_recon", video, recon, self.step)
-
-    def inference_model(self) -> VideoTokenizer:
-        """A fp32 copy of the generator with the EMA weights (or the current ones)."""
-        return reporting.inference_model(self)
-
-    def evaluate(self) -> dict[str, float]:
-        """The EMA model on the fixed training batch and the held-out shards
-        (pipeline.train.reporting.evaluate_run)."""
-        return reporting.evaluate_run(self)
-
-    # Checkpoints and exports.
-
-    def save(self) -> None:
-        checkpoint_flow.save(self)
-
-    def maybe_resume(self) -> None:
-        checkpoint_flow.resume(self)
-
-    def export(self) -> Path | None:
-        """The EMA generator as safetensors + config JSON, loadable without DeepSpeed."""
-        return checkpoint_flow.export(self)
 
 
 def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
