@@ -10,7 +10,7 @@ This driver makes `is_distributed()` true whenever a process group exists, count
 collective by the module that issued it and the devices of its tensors (a CPU tensor handed to
 NCCL is the crash to catch), and writes that to the report (on every exit).
 
-`train` runs `pipeline.train.main`; `selftest` checks pipeline.distributed.collectives's
+`train` runs `pipeline.train.cli.main`; `selftest` checks pipeline.distributed.collectives's
 collectives, the codebook statistics and the code histogram on CPU and CUDA tensors. Run with RANK=0
 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR MASTER_PORT set (gpurun.one_rank_env).
 """
