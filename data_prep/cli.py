@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from data_prep.clips import ClipConfig
 
@@ -135,20 +136,39 @@ def _add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _program() -> str:
+    """The console script's name when run as one (`magvit-shard`), else `python -m data_prep`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if not name or name.endswith(".py") or name in ("-c", "-m"):
+        return "python -m data_prep"
+    return name
+
+
 def parse_args(argv: Sequence[str] | None = None, command: str | None = None) -> argparse.Namespace:
     """Parses ``argv``; ``command`` fixes the subcommand (for the ``magvit-*`` scripts)."""
+    top = _program()
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep", description="Raw video -> WebDataset shards of clips."
+        prog=top, description="Raw video -> WebDataset shards of clips."
     )
+
+    def prog(name: str) -> str:  # magvit-shard is `shard` itself, magvit-data its parent
+        return top if command == name and not top.startswith("python ") else f"{top} {name}"
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     shard = commands.add_parser(
-        "shard", parents=[common], help="cut, resize and encode inputs into shards"
+        "shard",
+        prog=prog("shard"),
+        parents=[common],
+        help="cut, resize and encode inputs into shards",
     )
     _add_shard_arguments(shard)
     verify = commands.add_parser(
-        "verify", parents=[common], help="read the shards back and check the manifest"
+        "verify",
+        prog=prog("verify"),
+        parents=[common],
+        help="read the shards back and check the manifest",
     )
     verify.add_argument("directory", metavar="DIR")
     verify.add_argument(
@@ -159,7 +179,10 @@ def parse_args(argv: Sequence[str] | None = None, command: str | None = None) ->
     )
     verify.add_argument("--seed", type=int, default=0, help="which samples get decoded")
     merge = commands.add_parser(
-        "merge", parents=[common], help="rebuild manifest.json from the node parts"
+        "merge",
+        prog=prog("merge"),
+        parents=[common],
+        help="rebuild manifest.json from the node parts",
     )
     merge.add_argument("directory", metavar="DIR")
     argv = list(sys.argv[1:] if argv is None else argv)

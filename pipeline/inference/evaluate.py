@@ -23,12 +23,12 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from model import VideoTokenizer
+from pipeline.commands import command_name
 from pipeline.data.loader import Batch, DataConfig, ShardLoader
 from pipeline.distributed.collectives import (
     all_gather_objects,
@@ -38,7 +38,7 @@ from pipeline.distributed.collectives import (
     teardown,
 )
 from pipeline.distributed.world import World
-from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
+from pipeline.inference.arguments import add_evaluation_arguments
 from pipeline.inference.eval_reports import (
     ClipScores,
     EvalResult,
@@ -242,48 +242,10 @@ _SKIP_REASONS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_checkpoint_and_shards(
-        parser, "video shards: dataset folders, tar paths, globs or brace patterns"
+    parser = argparse.ArgumentParser(
+        prog=command_name("pipeline.evaluate"), description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--image-shards", nargs="*", default=(), metavar="DIR_OR_TAR")
-    parser.add_argument("--out", type=Path, default=Path("eval"), help="report folder")
-    parser.add_argument("--batch-size", type=int, default=4, help="clips per batch per rank")
-    parser.add_argument(
-        "--num-frames",
-        type=int,
-        default=None,
-        help="frames per clip, 1 + k*f (default 17 where it fits)",
-    )
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--crop", choices=("center", "resize"), default="center")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-batches", type=int, default=None, help="per rank")
-    parser.add_argument("--num-videos", type=int, default=4, help="side-by-side mp4s to write")
-    parser.add_argument("--lpips", choices=("auto", "off"), default="auto")
-    parser.add_argument(
-        "--lpips-weights",
-        default=None,
-        help="AlexNet ImageNet weights (default: the torch hub cache)",
-    )
-    parser.add_argument("--fvd", choices=("auto", "off"), default="auto", help="rFVD (I3D)")
-    parser.add_argument(
-        "--i3d-weights",
-        default=None,
-        help="StyleGAN-V's TorchScript i3d_torchscript.pt (default: the torch hub cache, "
-        "$TORCH_HOME/hub/checkpoints/i3d_torchscript.pt)",
-    )
-    parser.add_argument("--fid", choices=("auto", "off"), default="auto", help="rFID per frame")
-    parser.add_argument(
-        "--inception-weights",
-        default=None,
-        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch "
-        "hub cache, $TORCH_HOME/hub/checkpoints/)",
-    )
-    add_precision_argument(parser)
-    parser.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)  # = fp32
-    # The deepspeed launcher passes --local_rank; the rank comes from the environment (World).
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    add_evaluation_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ from model.streaming import (
     chunk_bounds,
     inference_mode,
 )
+from pipeline.commands import command_name
 from pipeline.data.decode import (
     Yuv420,
     clip_size,
@@ -242,7 +243,7 @@ def decode_file(
 
 
 def parse_file_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize")
+    parser = argparse.ArgumentParser(prog=command_name("pipeline.tokenize"))
     commands = parser.add_subparsers(dest="command", required=True)
     enc = commands.add_parser("encode-file", help="video file -> codes file (.npz/.safetensors)")
     enc.add_argument("input")
@@ -252,7 +253,7 @@ def parse_file_args(argv: list[str]) -> argparse.Namespace:
         "--chunk-frames",
         type=int,
         default=None,
-        help="frames per chunk, a multiple of the time compression (default 4 "
+        help="frames per chunk, a multiple of the time compression (default: 4 "
         "latent frames' worth)",
     )
     enc.add_argument(
@@ -266,14 +267,19 @@ def parse_file_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="keep the whole resized frame instead of a center square",
     )
-    enc.add_argument("--max-frames", type=int, default=None)
+    enc.add_argument("--max-frames", type=int, default=None, help="frames to encode (default: all)")
     add_precision_argument(enc)
     dec = commands.add_parser("decode-file", help="codes file -> mp4")
     dec.add_argument("input", help="codes file: .npz or .safetensors")
     dec.add_argument("output", help=".mp4")
     dec.add_argument("--checkpoint", required=True)
-    dec.add_argument("--chunk-latent-frames", type=int, default=4)
-    dec.add_argument("--fps", type=float, default=None, help="default: the source's")
+    dec.add_argument(
+        "--chunk-latent-frames",
+        type=int,
+        default=4,
+        help="latent frames decoded at a time (default: %(default)s)",
+    )
+    dec.add_argument("--fps", type=float, default=None, help="frame rate (default: the source's)")
     return parser.parse_args(argv)
 
 

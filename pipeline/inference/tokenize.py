@@ -48,6 +48,7 @@ from data_prep.token_format import (
 from model import VideoTokenizer
 from model.pretrained import WEIGHTS_NAME
 from model.streaming import check_chunk_frames
+from pipeline.commands import command_name
 from pipeline.data.decode import (
     Yuv420,
     clip_size,
@@ -329,23 +330,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from pipeline.inference.token_files import parse_file_args
 
         return parse_file_args(argv)
+    prog = command_name("pipeline.tokenize")
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0],
-        epilog="Single files: `python -m pipeline.tokenize encode-file --help`, `decode-file`.",
+        epilog=f"Single files: `{prog} encode-file --help`, `{prog} decode-file --help`.",
     )
     add_checkpoint_and_shards(
         parser, "clip shards: dataset folders, tar paths, globs or brace patterns"
     )
     parser.add_argument("--output", required=True, help="token dataset folder (shared by nodes)")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch per rank")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--crop", choices=("center", "resize"), default="center")
-    parser.add_argument("--max-frames", type=int, default=None, help="per clip")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="clips per batch per rank (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="frame size (default: the model's)"
+    )
+    parser.add_argument(
+        "--crop",
+        choices=("center", "resize"),
+        default="center",
+        help="center square after resizing the short side, or resize the whole frame "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-frames", type=int, default=None, help="frames per clip (default: all)"
+    )
     parser.add_argument(
         "--chunk-frames",
         type=int,
         default=None,
-        help="encode clips in chunks of this many frames (long passthrough clips)",
+        help="encode clips in chunks of this many frames, for long passthrough clips "
+        "(default: whole clips)",
     )
     add_precision_argument(parser)
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""Entry point: `python -m pipeline.train --config launch/configs/NAME.yaml [key.sub=value ...]`.
+"""Entry point: `python -m pipeline.train --config launch/configs/NAME.yaml [key.sub=value ...]`
+(the console script `magvit-train`; `--help` lists every config key).
 
 Run one process per device under a launcher (deepspeed, torchrun, srun via launch/train.sh), or
 a single process without one. The config is fully validated, and the shard lists resolved,
@@ -14,21 +15,37 @@ from pathlib import Path
 
 import torch
 
+from pipeline.commands import command_name
 from pipeline.data.loader import resolve_shards
 from pipeline.distributed.world import World, omp_threads
 from pipeline.train.checkpointing import init_source
 from pipeline.train.config import TrainConfig, dump_config, load_config
+from pipeline.train.config_help import config_reference
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, StopRequests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train the video tokenizer (two DeepSpeed engines)"
+        prog=command_name("pipeline.train"),
+        description="Train the video tokenizer (two DeepSpeed engines).",
+        epilog=config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", required=True, help="YAML file, e.g. launch/configs/tiny_cpu.yaml"
     )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=2e-4 num_steps=10")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. num_steps=20 generator_optim.lr=2e-4 (the keys "
+        "are listed below)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (--config and the overrides) as YAML and exit",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -78,7 +95,20 @@ def dry_run_main(args: argparse.Namespace, world: World) -> int:
     return 0
 
 
+def print_config_main(args: argparse.Namespace) -> int:
+    """`--print-config`: the resolved config as YAML; no process group, nothing started."""
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(dump_config(config), end="", flush=True)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.print_config:
+        return print_config_main(args)
     # First, so that a stop signal during the (slow) start-up is honoured, not fatal.
     stop = StopRequests()
     stop.install()

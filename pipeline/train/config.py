@@ -1,6 +1,7 @@
 """The training run's typed configuration: YAML file + dotted command-line overrides.
 
-    python -m pipeline.train --config launch/configs/tiny_cpu.yaml optim.lr=2e-4 data.num_workers=4
+    python -m pipeline.train --config launch/configs/tiny_cpu.yaml generator_optim.lr=2e-4 \
+        data.num_workers=4
 
 Every section is a frozen dataclass; unknown keys, bad values and impossible combinations raise
 `ValueError` here, before any process group or engine exists. `model` holds the VideoTokenizer

@@ -132,7 +132,7 @@ def _header(cls: type, f: dataclasses.Field, prefix: str) -> list[str]:
     doc = " ".join((inspect.getdoc(nested) or "").split("\n\n")[0].split())
     title = TITLES.get(prefix + f.name) or doc
     if f.default is None:
-        title += f". Default null; {field_docs(cls).get(f.name) or 'off'}"
+        title = f"{title.rstrip('.')}. Default null; {field_docs(cls).get(f.name) or 'off'}"
     return textwrap.wrap(f"{prefix}{f.name}.*: {title}", WIDTH, subsequent_indent="    ")
 
 
