@@ -29,13 +29,28 @@
 #                   torch.cuda.is_available() is False, e.g. a CUDA-13 wheel on a CUDA-12
 #                   driver. CUDA_VISIBLE_DEVICES set empty (or -1) means CPU on purpose and
 #                   skips the check; set non-empty it proves nothing by itself (no driver, no GPU)
-#   Everything after the script name goes to `python -m pipeline.train`.
+#   Everything after the script name goes to `python -m pipeline.train` (`--help`: this text
+#   and the trainer's options, without starting anything).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
+
+# --help: this script's usage and environment, then the trainer's options, printed once here
+# (through the launcher every rank would print them) and before any GPU probe.
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help)
+            sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+            echo
+            echo "The trainer's options (python -m pipeline.train --help):"
+            cd "$root"
+            exec "$PYTHON" -m pipeline.train --help
+            ;;
+    esac
+done
 
 # Whether this node shows NVIDIA GPUs, usable by torch or not. Device files and nvidia-smi are
 # the evidence; CUDA_VISIBLE_DEVICES only vetoes (empty or -1: CPU on purpose; SLURM's
