@@ -67,6 +67,7 @@ from pipeline.inference.video_features import (
     load_i3d,
     load_inception,
 )
+from pipeline.logs import progress_bar, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,17 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
+            bar = progress_bar(
+                enabled=world.rank == 0,
+                total=max_batches,
+                desc="evaluate",
+                unit="batch",
+                leave=False,
+            )
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
+                bar.update(1)
                 real, recon = _reconstruct(model, batch, device, precision, sums.histogram)
                 scores = _score(real, recon, lpips_model, sums.totals)
                 fvd.add(real, recon)
@@ -127,6 +136,7 @@ def evaluate(
                         video_writer(key, real[i].cpu(), recon[i].cpu())
     finally:
         model.train(was_training)
+    bar.close()
     fvd_result = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
     fid_result = fid.distance(unbiased=True, note=fid_note, unit="frames")
     lpips = (lpips_model is not None, lpips_note)
@@ -288,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(World.from_env())
     world = init_distributed()
     try:
         return _run(args, world)

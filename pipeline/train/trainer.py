@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from model import Tokenizer
 from model.critics import build_discriminators, build_perceptual
@@ -28,6 +27,7 @@ from pipeline.distributed.collectives import all_reduce_mean, differentiable_mea
 from pipeline.distributed.world import World
 from pipeline.inference.quality import load_lpips
 from pipeline.inference.video_features import load_i3d, load_inception
+from pipeline.logs import progress_bar
 from pipeline.train import engines as ds
 from pipeline.train import schedules
 from pipeline.train.callbacks import Callbacks, TrainerCallback
@@ -154,12 +154,8 @@ class Trainer(CheckpointFlow, Reporting):
         if self.step == 0 and self.eval_loader is not None:
             self.evaluate()  # the baseline: what training improves on
         batches = iter(self.loader)
-        progress = tqdm(
-            total=config.num_steps,
-            initial=self.step,
-            disable=self.world.rank != 0,
-            dynamic_ncols=True,
-            desc="train",
+        progress = progress_bar(
+            enabled=self.world.rank == 0, total=config.num_steps, initial=self.step, desc="train"
         )
         window: dict[str, list[float]] = defaultdict(list)
         while self.step < config.num_steps:
