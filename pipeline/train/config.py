@@ -96,7 +96,10 @@ class TrainConfig:
     ema_start_step: int = 0
     seed: int = 0
     deterministic: bool = False
-    """Deterministic data order (fixed loader seed) and algorithms, for reproducibility tests."""
+    """Reproducible runs: a fixed loader seed (data order), PyTorch's deterministic algorithms
+    (`torch.use_deterministic_algorithms(True, warn_only=True)`: a warning for ops without one),
+    cuDNN's deterministic convolutions without `cudnn_benchmark`, and cuBLAS's fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set). Slower on GPUs."""
     log_every: int = 10
     video_log_every: int = 200
     """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""

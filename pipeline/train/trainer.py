@@ -24,7 +24,7 @@ from model import Tokenizer
 from model.critics import build_discriminators, build_perceptual
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
-from pipeline.distributed.world import World
+from pipeline.distributed.world import World, deterministic_cublas
 from pipeline.inference.quality import load_lpips
 from pipeline.inference.video_features import load_i3d, load_inception
 from pipeline.logs import progress_bar
@@ -69,9 +69,11 @@ class Trainer(CheckpointFlow, Reporting):
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             config.precision, torch.float32
         )
-        if device.type == "cuda":
+        if config.deterministic:
+            use_deterministic_algorithms()
+        elif device.type == "cuda":
             # Training shapes are static: the algorithm search pays off after the first step.
-            torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.tokenizer, perceptual, self.critics = self._build_models()
         self.engines = ds.build_engines(
             GeneratorObjective(self.tokenizer, perceptual, self.critics),
@@ -323,6 +325,16 @@ class Trainer(CheckpointFlow, Reporting):
         with torch.no_grad():
             recon = model(video)
         self.tensorboard.video("reconstruction/real_vs_recon", video, recon, self.step)
+
+
+def use_deterministic_algorithms() -> None:
+    """PyTorch's deterministic kernels where they exist (a warning, not an error, for ops that
+    have none), cuDNN's deterministic algorithms without the benchmark search, and cuBLAS's fixed
+    workspace (set before the first CUDA matmul of the process)."""
+    deterministic_cublas()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
