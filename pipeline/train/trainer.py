@@ -36,10 +36,11 @@ from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.config import TrainConfig, dump_config
 from pipeline.train.ema import EMA
 from pipeline.train.health import HealthMonitor
-from pipeline.train.metrics import CodebookStats, TensorBoard
+from pipeline.train.metrics import CodebookStats
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.train.preemption import StopRequests
 from pipeline.train.reporting import Reporting
+from pipeline.train.run_log import build_run_log
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ class Trainer(CheckpointFlow, Reporting):
         self.checkpointer = Checkpointer(
             config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
         )
-        self.tensorboard = TensorBoard(
-            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
-        )
+        self.run_log = build_run_log(config, world)
         self.codebook = CodebookStats(
             self.tokenizer.codebook_size, config.model.num_codebooks, device
         )
@@ -152,7 +151,7 @@ class Trainer(CheckpointFlow, Reporting):
         # weights): a stop before the first step saves nothing, and the save clock starts now.
         self.saved_step = self.step
         self.stop.saved()
-        self.tensorboard.text("config", dump_config(config))
+        self.run_log.text("config", dump_config(config))
         if self.step == 0 and self.eval_loader is not None:
             self.evaluate()  # the baseline: what training improves on
         batches = iter(self.loader)
@@ -189,7 +188,7 @@ class Trainer(CheckpointFlow, Reporting):
                 )
         elif config.export_on_finish:
             self.export()
-        self.tensorboard.close()
+        self.run_log.close()
 
     def _timed_step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], Batch]:
         """One optimizer step on the next micro-batches: its metrics with its timings, and the
@@ -324,7 +323,7 @@ class Trainer(CheckpointFlow, Reporting):
         model = self.inference_model()
         with torch.no_grad():
             recon = model(video)
-        self.tensorboard.video("reconstruction/real_vs_recon", video, recon, self.step)
+        self.run_log.video("reconstruction/real_vs_recon", video, recon, self.step)
 
 
 def use_deterministic_algorithms() -> None:
