@@ -21,7 +21,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,17 +115,7 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            bar = progress_bar(
-                enabled=world.rank == 0,
-                total=max_batches,
-                desc="evaluate",
-                unit="batch",
-                leave=False,
-            )
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                bar.update(1)
+            for batch in _batches(loader, max_batches, world.rank == 0):
                 real, recon = _reconstruct(model, batch, device, precision, sums.histogram)
                 scores = _score(real, recon, lpips_model, sums.totals)
                 fvd.add(real, recon)
@@ -136,11 +126,22 @@ def evaluate(
                         video_writer(key, real[i].cpu(), recon[i].cpu())
     finally:
         model.train(was_training)
-    bar.close()
     fvd_result = fvd.distance(unbiased=False, note=fvd_note, unit="clips")
     fid_result = fid.distance(unbiased=True, note=fid_note, unit="frames")
     lpips = (lpips_model is not None, lpips_note)
     return _result(model, loader, device, precision, sums, lpips, fvd_result, fid_result)
+
+
+def _batches(loader: Iterable[Batch], max_batches: int | None, show: bool) -> Iterator[Batch]:
+    """The first `max_batches` batches (all for None), with a progress bar when `show`."""
+    with progress_bar(
+        enabled=show, total=max_batches, desc="evaluate", unit="batch", leave=False
+    ) as bar:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                return
+            bar.update(1)
+            yield batch
 
 
 @dataclass

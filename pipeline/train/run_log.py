@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,7 +60,7 @@ class Wandb:
         self.wandb = wandb
         self.media = output_dir / "wandb_media"
         id_file = output_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         self.run = wandb.init(
             project=project,
             mode=mode,

@@ -1,11 +1,10 @@
 """The wandb run log: a 2-rank training run with `logger: both` and wandb offline writes an
-offline run (scalars in its summary and history) next to TensorBoard; without wandb the config
-says so."""
+offline run (its .wandb records hold the scalars, its media the clip) next to TensorBoard;
+without wandb the config says so."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 from trainrun import base_overrides, explain, finished, torchrun_launch
@@ -30,11 +29,13 @@ def test_two_ranks_log_to_an_offline_wandb_run(tmp_path, video_shards):
     result = torchrun_launch(overrides)
     assert finished(result), explain(result)
     (run,) = (out / "wandb").glob("offline-run-*")
-    assert list(run.glob("*.wandb")), sorted(p.name for p in run.iterdir())
-    summary = json.loads((run / "files" / "wandb-summary.json").read_text())
-    assert "loss/generator_total" in summary and "lr/generator" in summary
-    assert summary["_step"] == 2
-    assert "reconstruction/real_vs_recon" in summary  # the clip, a gif
+    # wandb 0.31 writes no wandb-summary.json offline: the records (protobuf, keys as plain
+    # strings) are in the run's .wandb file, which `wandb sync` uploads.
+    (records,) = run.glob("*.wandb")
+    data = records.read_bytes()
+    for key in (b"loss/generator_total", b"loss/discriminator_total", b"lr/generator"):
+        assert key in data, key
+    assert list((run / "files" / "media" / "videos").rglob("real_vs_recon*.gif"))
     assert list((out / "tensorboard").glob("events.*"))
     assert (out / "wandb_run_id.txt").read_text().strip() in run.name
 
