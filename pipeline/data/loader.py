@@ -98,7 +98,8 @@ class DataConfig:
     """Base seed; None draws one from os.urandom (kept in state_dict, so resumes stay fresh)."""
     backend: Backend = "pyav"
     """Decoder for video windows: "pyav" (hands over the stream's 4:2:0 planes, converted on
-    the device: 1.5x decord's clips/s per worker on 17 x 128^2 clips) or "decord" (RGB)."""
+    the device: 1.25x decord's clips/s per worker, 148 vs 118, in the README's Performance
+    table) or "decord" (RGB; where decord is not installed, PyAV decodes)."""
     pin_memory: bool = False
     prefetch_factor: int = 2
     max_consecutive_errors: int = 1000

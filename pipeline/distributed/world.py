@@ -2,8 +2,9 @@
 
 The only module of ``pipeline`` that reads or sets environment variables (the launcher's:
 torchrun's, DeepSpeed's, srun's; the rendezvous variables; DeepSpeed's accelerator choice;
-OMP_NUM_THREADS); everything else receives a ``World`` or calls a function here. Tests build
-``World(rank=1, world_size=2)`` directly.
+OMP_NUM_THREADS; the log levels; cuBLAS's workspace for deterministic runs); everything else
+receives a ``World`` or calls a function here. Tests build ``World(rank=1, world_size=2)``
+directly.
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ def use_cpu_accelerator() -> None:
 def omp_threads() -> int:
     """The launcher's OMP_NUM_THREADS (at least 1; 1 when unset)."""
     return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def log_levels(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(rank 0's, the other ranks') log level from LOG_LEVEL and LOG_LEVEL_OTHER_RANKS (e.g.
+    LOG_LEVEL_OTHER_RANKS=INFO to hear every rank); None where unset."""
+    env = os.environ if env is None else env
+    return env.get("LOG_LEVEL") or None, env.get("LOG_LEVEL_OTHER_RANKS") or None
+
+
+def deterministic_cublas() -> None:
+    """cuBLAS's fixed workspace, which `torch.use_deterministic_algorithms` needs for
+    deterministic matmuls on CUDA >= 10.2 (kept when the launcher set one); takes effect before
+    the first cuBLAS call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +67,7 @@ from pipeline.inference.video_features import (
     load_i3d,
     load_inception,
 )
+from pipeline.logs import progress_bar, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
+            for batch in _batches(loader, max_batches, world.rank == 0):
                 real, recon = _reconstruct(model, batch, device, precision, sums.histogram)
                 scores = _score(real, recon, lpips_model, sums.totals)
                 fvd.add(real, recon)
@@ -131,6 +130,18 @@ def evaluate(
     fid_result = fid.distance(unbiased=True, note=fid_note, unit="frames")
     lpips = (lpips_model is not None, lpips_note)
     return _result(model, loader, device, precision, sums, lpips, fvd_result, fid_result)
+
+
+def _batches(loader: Iterable[Batch], max_batches: int | None, show: bool) -> Iterator[Batch]:
+    """The first `max_batches` batches (all for None), with a progress bar when `show`."""
+    with progress_bar(
+        enabled=show, total=max_batches, desc="evaluate", unit="batch", leave=False
+    ) as bar:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                return
+            bar.update(1)
+            yield batch
 
 
 @dataclass
@@ -250,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(World.from_env())
     world = init_distributed()
     try:
         return _run(args, world)

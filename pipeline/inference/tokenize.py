@@ -70,6 +70,7 @@ from pipeline.distributed.world import World
 from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
 from pipeline.inference.export import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
 from pipeline.inference.precision import inference_precision, resolve_precision
+from pipeline.logs import progress_bar, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def run_export(args: argparse.Namespace, world: World) -> int:
     encoder = ClipEncoder(model, settings, device)
     mine = sources[world.rank :: world.world_size]
     done = 0
-    for source in mine:
+    for source in progress_bar(mine, enabled=world.rank == 0, desc="tokenize", unit="shard"):
         if (output / token_shard_name(source)).exists():
             logger.info("%s: done in an earlier run", token_shard_name(source))
             continue
@@ -380,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(World.from_env())
     if args.command != "shards":
         from pipeline.inference.token_files import run_file_command
 

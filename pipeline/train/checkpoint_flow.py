@@ -49,7 +49,7 @@ class CheckpointFlow:
         )
         self.saved_step = self.step
         self.stop.saved()
-        self.tensorboard.flush()
+        self.run_log.flush()
 
     def maybe_resume(self) -> None:
         """Restores the latest complete checkpoint under the run's folder, if there is one."""

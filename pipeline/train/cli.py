@@ -9,7 +9,6 @@ before any process group starts.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from pipeline.commands import command_name
 from pipeline.data.loader import resolve_shards
 from pipeline.distributed.world import World, omp_threads
+from pipeline.logs import setup_logging
 from pipeline.train.checkpointing import init_source
 from pipeline.train.config import TrainConfig, dump_config, load_config
 from pipeline.train.config_help import config_reference
@@ -117,10 +117,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:  # the launcher's and SLURM's variables disagree
         print(f"error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO if world.rank == 0 else logging.WARNING,
-        format=f"[rank {world.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(world)
     if args.dry_run:
         return dry_run_main(args, world)
     try:

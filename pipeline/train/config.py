@@ -28,6 +28,7 @@ from pipeline.train.config_sections import (
     FaultInjection,
     LossScheduleConfig,
     OptimizerConfig,
+    check_logger,
 )
 from pipeline.train.health import HealthConfig
 
@@ -97,10 +98,23 @@ class TrainConfig:
     ema_start_step: int = 0
     seed: int = 0
     deterministic: bool = False
-    """Deterministic data order (fixed loader seed) and algorithms, for reproducibility tests."""
+    """Reproducible runs: a fixed loader seed (data order), PyTorch's deterministic algorithms
+    (`torch.use_deterministic_algorithms(True, warn_only=True)`: a warning for ops without one),
+    cuDNN's deterministic convolutions without `cudnn_benchmark`, and cuBLAS's fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set). Slower on GPUs."""
     log_every: int = 10
+    logger: str = "tensorboard"
+    """Where scalars and reconstruction clips go (rank 0): "tensorboard" (OUTPUT_DIR/tensorboard),
+    "wandb" (Weights & Biases in OUTPUT_DIR/wandb; the `wandb` extra) or "both";
+    OUTPUT_DIR/metrics.jsonl holds the scalars either way."""
+    wandb_project: str = "magvit2"
+    wandb_mode: str | None = None
+    """"online", "offline" (no network; `wandb sync` later), "disabled"; None: wandb's own
+    choice (WANDB_MODE, else online)."""
+    wandb_run_name: str | None = None
+    """None: the output folder's name."""
     video_log_every: int = 200
-    """Real | reconstruction clips side by side in TensorBoard every N steps (0: never)."""
+    """Real | reconstruction clips side by side in the run log every N steps (0: never)."""
     eval_every: int = 500
     eval_batches: int = 8
     """Batches per rank at each evaluation (pipeline.inference.evaluate over eval_data)."""
@@ -133,6 +147,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_intervals()
+        check_logger(self.logger, self.wandb_mode)
         self._check_precision()
         self._check_zero_stages()
         self._check_losses_fit_the_model()

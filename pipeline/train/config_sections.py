@@ -4,6 +4,7 @@ values."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -120,3 +121,20 @@ class FaultInjection:
     """Halfway through the checkpoint of a stop request, rank `on_rank` sends SIGTERM to its
     whole process group (the job, as SLURM's second signal would)."""
     on_rank: int = 0
+
+
+LOGGERS = ("tensorboard", "wandb", "both")
+WANDB_MODES = (None, "online", "offline", "disabled")
+
+
+def check_logger(logger: str, wandb_mode: str | None) -> None:
+    """`logger` and `wandb_mode` are known values, and wandb is installed where it is asked for."""
+    if logger not in LOGGERS:
+        raise ValueError(f"logger must be one of {LOGGERS}, got {logger!r}")
+    if wandb_mode not in WANDB_MODES:
+        raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {wandb_mode!r}")
+    if logger != "tensorboard" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"logger: {logger} needs the wandb package, which is not installed: "
+            "pip install 'magvit2-at-scale[wandb]' (or wandb), or use logger: tensorboard"
+        )

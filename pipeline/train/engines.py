@@ -2,7 +2,8 @@
 
 The only module that imports deepspeed. Each engine gets its own config dict derived here from
 TrainConfig (batch sizes from the world size, precision, ZeRO stage, clipping), never a
-hand-edited JSON. Rules this code keeps (measured with DeepSpeed 0.19.8, see DESIGN.md):
+hand-edited JSON. Rules this code keeps (found with DeepSpeed 0.19.8 while writing this trainer;
+the README's "What a step does" describes the step they serve):
 
 1. The discriminator's parameters are frozen during the generator step (ZeRO-1 otherwise
    corrupts its gradients; ZeRO-2 asserts "gradient computed twice").

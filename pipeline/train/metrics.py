@@ -1,11 +1,11 @@
-"""What the run shows in TensorBoard (rank 0 only): scalars, codebook statistics, and real |
-reconstruction clips side by side (as animated GIFs written directly into the event file, since
-`SummaryWriter.add_video` silently logs nothing without moviepy 1.x)."""
+"""What the run shows (rank 0 only; pipeline.train.run_log sends it to TensorBoard and/or wandb):
+scalars, codebook statistics, and real | reconstruction clips side by side (in TensorBoard as
+animated GIFs written directly into the event file, since `SummaryWriter.add_video` silently logs
+nothing without moviepy 1.x)."""
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -70,30 +70,19 @@ def side_by_side_gif(
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0 (calls elsewhere do nothing), plus the same scalars as JSON
-    lines in `jsonl_path` for scripts."""
+    """A SummaryWriter in `log_dir` (pipeline.train.run_log creates it on rank 0 only)."""
 
-    def __init__(self, log_dir: Path, enabled: bool, jsonl_path: Path | None = None) -> None:
-        self.writer = None
-        self.jsonl_path = jsonl_path if enabled else None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
         for tag, value in values.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, step)
-        if self.jsonl_path is not None:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps({"step": step, **values}, allow_nan=True) + "\n")
 
     def video(self, tag: str, real: torch.Tensor, fake: torch.Tensor, step: int) -> None:
-        if self.writer is None:
-            return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         gif, height, width = side_by_side_gif(real, fake)
@@ -102,16 +91,13 @@ class TensorBoard:
         self.writer.file_writer.add_summary(summary, step)  # set up by SummaryWriter()
 
     def text(self, tag: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text.replace("\n", "  \n"), 0)
+        self.writer.add_text(tag, text.replace("\n", "  \n"), 0)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 def memory_bytes(device: torch.device | None = None) -> int:

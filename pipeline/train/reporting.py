@@ -1,4 +1,5 @@
-"""What the trainer reports: window means to TensorBoard and the log, and evaluations of the EMA
+"""What the trainer reports: window means to the run log
+(TensorBoard / wandb) and the log, and evaluations of the EMA
 model (the fixed training batch, and the held-out shards through pipeline.inference.evaluate).
 """
 
@@ -23,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 class Reporting:
     """The `Trainer`'s reporting methods (a mixin: they read the trainer's step, config, world,
-    engines, counters, TensorBoard writer, loaders and metric networks)."""
+    engines, counters, run log, loaders and metric networks)."""
 
     def log(self, window: dict[str, list[float]]) -> None:
-        """Window means, averaged across ranks (a collective), to TensorBoard on rank 0."""
+        """Window means, averaged across ranks (a collective), to the run log on rank 0."""
         nonfinite = torch.tensor(window.pop("health/nonfinite_losses"), dtype=torch.float64)
         keys = sorted(window)
         local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
@@ -39,7 +40,7 @@ class Reporting:
         values.update(self._run_scalars())
         health = self.health.update(self.step, values)
         values.update(health.scalars)
-        self.tensorboard.scalars(values, self.step)
+        self.run_log.scalars(values, self.step)
         if self.world.rank == 0:
             for event in health.events:
                 logger.warning(event.message())
@@ -104,7 +105,7 @@ class Reporting:
             values["eval/psnr_fixed_batch"] = self._fixed_batch_psnr(model)
         if self.eval_loader is not None:
             values.update(self._evaluate_held_out(model))
-        self.tensorboard.scalars(values, self.step)
+        self.run_log.scalars(values, self.step)
         return values
 
     def _fixed_batch_psnr(self, model: VideoTokenizer) -> float:

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from model import Tokenizer
 from model.critics import build_discriminators, build_perceptual
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
-from pipeline.distributed.world import World
+from pipeline.distributed.world import World, deterministic_cublas
 from pipeline.inference.quality import load_lpips
 from pipeline.inference.video_features import load_i3d, load_inception
+from pipeline.logs import progress_bar
 from pipeline.train import engines as ds
 from pipeline.train import schedules
 from pipeline.train.callbacks import Callbacks, TrainerCallback
@@ -36,10 +36,11 @@ from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.config import TrainConfig, dump_config
 from pipeline.train.ema import EMA
 from pipeline.train.health import HealthMonitor
-from pipeline.train.metrics import CodebookStats, TensorBoard
+from pipeline.train.metrics import CodebookStats
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
 from pipeline.train.preemption import StopRequests
 from pipeline.train.reporting import Reporting
+from pipeline.train.run_log import build_run_log
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,11 @@ class Trainer(CheckpointFlow, Reporting):
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             config.precision, torch.float32
         )
-        if device.type == "cuda":
+        if config.deterministic:
+            use_deterministic_algorithms()
+        elif device.type == "cuda":
             # Training shapes are static: the algorithm search pays off after the first step.
-            torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.tokenizer, perceptual, self.critics = self._build_models()
         self.engines = ds.build_engines(
             GeneratorObjective(self.tokenizer, perceptual, self.critics),
@@ -91,9 +94,7 @@ class Trainer(CheckpointFlow, Reporting):
         self.checkpointer = Checkpointer(
             config.checkpoint_dir, world, config.keep_checkpoints, dump_config(config)
         )
-        self.tensorboard = TensorBoard(
-            self.output_dir / "tensorboard", world.rank == 0, self.output_dir / "metrics.jsonl"
-        )
+        self.run_log = build_run_log(config, world)
         self.codebook = CodebookStats(
             self.tokenizer.codebook_size, config.model.num_codebooks, device
         )
@@ -150,16 +151,12 @@ class Trainer(CheckpointFlow, Reporting):
         # weights): a stop before the first step saves nothing, and the save clock starts now.
         self.saved_step = self.step
         self.stop.saved()
-        self.tensorboard.text("config", dump_config(config))
+        self.run_log.text("config", dump_config(config))
         if self.step == 0 and self.eval_loader is not None:
             self.evaluate()  # the baseline: what training improves on
         batches = iter(self.loader)
-        progress = tqdm(
-            total=config.num_steps,
-            initial=self.step,
-            disable=self.world.rank != 0,
-            dynamic_ncols=True,
-            desc="train",
+        progress = progress_bar(
+            enabled=self.world.rank == 0, total=config.num_steps, initial=self.step, desc="train"
         )
         window: dict[str, list[float]] = defaultdict(list)
         while self.step < config.num_steps:
@@ -191,7 +188,7 @@ class Trainer(CheckpointFlow, Reporting):
                 )
         elif config.export_on_finish:
             self.export()
-        self.tensorboard.close()
+        self.run_log.close()
 
     def _timed_step(self, batches: Iterator[Batch]) -> tuple[dict[str, float], Batch]:
         """One optimizer step on the next micro-batches: its metrics with its timings, and the
@@ -326,7 +323,17 @@ class Trainer(CheckpointFlow, Reporting):
         model = self.inference_model()
         with torch.no_grad():
             recon = model(video)
-        self.tensorboard.video("reconstruction/real_vs_recon", video, recon, self.step)
+        self.run_log.video("reconstruction/real_vs_recon", video, recon, self.step)
+
+
+def use_deterministic_algorithms() -> None:
+    """PyTorch's deterministic kernels where they exist (a warning, not an error, for ops that
+    have none), cuDNN's deterministic algorithms without the benchmark search, and cuBLAS's fixed
+    workspace (set before the first CUDA matmul of the process)."""
+    deterministic_cublas()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _add_generator_terms(sums: dict[str, torch.Tensor], loss: torch.Tensor, parts) -> None:
