@@ -116,3 +116,13 @@ def test_a_state_missing_weights_is_refused():
 def test_the_export_view_ignores_the_counter():
     ema, module = _run(warmup=True, steps=2)
     assert set(ema.state_dict_for(module)) == set(module.state_dict())
+
+
+def test_warmup_is_the_default_of_the_config_and_the_launch_configs():
+    from trainrun import CONFIG
+
+    from pipeline.train.config import load_config
+
+    for name in ("tiny_cpu", "demo_cpu", "base_128", "base_256"):
+        assert load_config(CONFIG.parent / f"{name}.yaml").ema_warmup, name
+    assert not load_config(CONFIG, ["ema_warmup=false"]).ema_warmup
