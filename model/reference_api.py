@@ -11,10 +11,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from model.config import DiscriminatorConfig, LayerSpec, TokenizerConfig
 from model.critics import build_discriminator, build_perceptual
+from model.export_format import (
+    inference_config,
+    load_config,
+    load_exported_weights,
+    save_pretrained,
+)
+from model.hub import resolve_pretrained
 from model.losses import VGG16_CHECKPOINT_NAME, PerceptualLoss
 from model.objectives import (
     DiscrLossBreakdown,
@@ -209,6 +217,30 @@ class VideoTokenizer(Tokenizer):
         model = cls.__new__(cls)  # the keyword constructor is the reference's
         _build(model, config, vgg, multiscale_discrs)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        *,
+        map_location: str | torch.device = "cpu",
+        for_training: bool = False,
+        **hub_kwargs: Any,
+    ) -> VideoTokenizer:
+        """An export (`save_pretrained`, or the trainer's `export/`) in eval mode: a local folder,
+        or a Hugging Face Hub repo id when huggingface_hub is installed (`hub_kwargs`: revision,
+        cache_dir, local_files_only, token; see model/hub.py). For inference the losses are
+        off (no discriminator, no VGG); `for_training=True` keeps the config as trained."""
+        directory = resolve_pretrained(path_or_repo_id, **hub_kwargs)
+        config = load_config(directory)
+        model = cls.from_config(config if for_training else inference_config(config))
+        load_exported_weights(model, directory, map_location)
+        return model
+
+    def save_pretrained(self, directory: str | Path, *, metadata: dict | None = None) -> Path:
+        """Writes the export (config.json + model.safetensors, the generator weights only) that
+        `from_pretrained` and `model.pretrained.load_pretrained` read."""
+        return save_pretrained(self, directory, metadata=metadata)
 
     def discriminators(self) -> list[nn.Module]:
         found = [self.discr] if self.discr is not None else []

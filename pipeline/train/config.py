@@ -96,6 +96,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     """EMA of the generator weights (evaluation and export use it); 0 disables."""
     ema_start_step: int = 0
+    ema_warmup: bool = True
+    """Warm the EMA decay up as min(ema_decay, (1 + t) / (10 + t)) at its t-th update
+    (pipeline.train.ema), so the average forgets the random initialisation early; false: the
+    full ema_decay from the first update."""
     seed: int = 0
     deterministic: bool = False
     """Reproducible runs: a fixed loader seed (data order), PyTorch's deterministic algorithms

@@ -83,7 +83,7 @@ class Trainer(CheckpointFlow, Reporting):
             world,
         )
         self.ema = (
-            EMA(self.tokenizer, config.ema_decay, config.ema_start_step)
+            EMA(self.tokenizer, config.ema_decay, config.ema_start_step, config.ema_warmup)
             if (config.ema_decay > 0)
             else None
         )
