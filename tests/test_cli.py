@@ -92,6 +92,17 @@ def test_console_script_help_names_itself(name):
     assert SHOWN_DEFAULT.get(name, "") in result.stdout
 
 
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_installed_console_script_help(name):
+    """The wrapper pip wrote into the venv (a fresh install, as in CI, has every script)."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        pytest.skip(f"{name} is not installed in this venv (its install predates the script)")
+    result = run([str(script), "--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {name} "), result.stdout[:200]
+
+
 @pytest.mark.parametrize(
     "module", ["pipeline.train", "pipeline.evaluate", "pipeline.tokenize", "data_prep"]
 )
