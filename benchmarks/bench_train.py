@@ -258,8 +258,7 @@ def bench_speed(args: argparse.Namespace, shards: str, work: Path, device: torch
 def zero_worker(args: argparse.Namespace) -> None:
     import deepspeed
 
-    from model import Tokenizer
-    from model.critics import build_discriminators, build_perceptual
+    from model.critics import build_training_networks
     from pipeline.distributed.collectives import all_gather_tensors, barrier
     from pipeline.train import engines
     from pipeline.train.objectives import GeneratorObjective
@@ -280,9 +279,8 @@ def zero_worker(args: argparse.Namespace) -> None:
             fp32_gradient_reduction=stage > 0,
         )
         torch.manual_seed(0)
-        tokenizer = Tokenizer.from_config(config.model)
-        perceptual = build_perceptual(config.model)
-        module = GeneratorObjective(tokenizer, perceptual, build_discriminators(config.model))
+        tokenizer, perceptual, critics = build_training_networks(config.model)
+        module = GeneratorObjective(tokenizer, perceptual, critics)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
         engine, *_ = deepspeed.initialize(
             model=module,

@@ -13,6 +13,7 @@ from model.config import TokenizerConfig
 from model.discriminator import Discriminator, Discriminators
 from model.discriminator3d import Discriminator3D, Discriminator3DConfig
 from model.losses import PerceptualLoss
+from model.tokenizer import Tokenizer
 
 
 def build_discriminator(config: TokenizerConfig) -> nn.Module:
@@ -52,3 +53,11 @@ def build_perceptual(
     if config.channels in (1, 3, 4) and config.perceptual_loss_weight > 0:
         return PerceptualLoss(weights=config.vgg_weights, network=vgg)
     return None
+
+
+def build_training_networks(
+    config: TokenizerConfig,
+) -> tuple[Tokenizer, PerceptualLoss | None, Discriminators | None]:
+    """The trainer's networks: the core tokenizer, its perceptual loss and its critics (each None
+    when off), built in this order, which is the facade's: the same seed gives the same weights."""
+    return Tokenizer.from_config(config), build_perceptual(config), build_discriminators(config)

@@ -28,8 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from data_prep.format import read_manifest
-from model import Tokenizer
-from model.critics import build_discriminators, build_perceptual
+from model.critics import build_training_networks
 from model.losses import PerceptualLoss
 from pipeline.train.config import TrainConfig
 from pipeline.train.objectives import DiscriminatorObjective, GeneratorObjective, frozen_parameters
@@ -195,9 +194,7 @@ def _build(config: TrainConfig, checkpointing: bool, dtype: torch.dtype):
     """On the meta device, in the engines' weight dtype (DeepSpeed's bf16 engines hold bf16)."""
     with torch.device("meta"):
         model_config = replace(config.model, gradient_checkpointing=checkpointing)
-        tokenizer = Tokenizer.from_config(model_config)
-        perceptual = build_perceptual(model_config)
-        critics = build_discriminators(model_config)
+        tokenizer, perceptual, critics = build_training_networks(model_config)
     _meta_perceptual(perceptual)
     generator = GeneratorObjective(tokenizer, perceptual, critics)
     generator.to(dtype)

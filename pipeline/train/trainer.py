@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from model import Tokenizer
-from model.critics import build_discriminators, build_perceptual
+from model.critics import build_training_networks
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
 from pipeline.distributed.world import World, deterministic_cublas
@@ -114,9 +114,7 @@ class Trainer(CheckpointFlow, Reporting):
         config, device = self.config, self.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model_config = replace(config.model, gradient_checkpointing=config.activation_checkpointing)
-        tokenizer = Tokenizer.from_config(model_config)
-        perceptual = build_perceptual(model_config)
-        critics = build_discriminators(model_config)
+        tokenizer, perceptual, critics = build_training_networks(model_config)
         if perceptual is not None:
             perceptual.load()  # missing VGG weights: fail now, not at step 1
         if config.init_from:

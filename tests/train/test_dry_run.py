@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainrun import CONFIG, REPO, _env
 
 from model import Tokenizer
-from model.critics import build_discriminators, build_perceptual
+from model.critics import build_discriminators, build_training_networks
 from pipeline.train.config import load_config
 from pipeline.train.dry_run import FlopCount, _generator_step, dry_run
 from pipeline.train.objectives import GeneratorObjective
@@ -55,9 +55,7 @@ def test_generator_flops_equal_a_real_steps():
     config = load_config(CONFIG)
     report = dry_run(config, 1)
     torch.manual_seed(0)
-    tokenizer = Tokenizer.from_config(config.model)
-    perceptual = build_perceptual(config.model)
-    critics = build_discriminators(config.model)
+    tokenizer, perceptual, critics = build_training_networks(config.model)
     generator = GeneratorObjective(tokenizer, perceptual, critics)
     size = config.model.image_size
     video = torch.rand(1, 3, config.data.num_frames, size, size) * 2 - 1
