@@ -30,6 +30,20 @@ def add_checkpoint_and_shards(parser: argparse.ArgumentParser, shards_help: str)
     )
 
 
+def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
+    """How clips are sized for the model: evaluate's and tokenize's --image-size and --crop."""
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="frame size (default: the model's)"
+    )
+    parser.add_argument(
+        "--crop",
+        choices=("center", "resize"),
+        default="center",
+        help="center square after resizing the short side, or resize the whole frame "
+        "(default: %(default)s)",
+    )
+
+
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m pipeline.evaluate` (pipeline.inference.evaluate)."""
     add_checkpoint_and_shards(
@@ -54,16 +68,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="frames per clip, 1 + k*f (default: 17 where it fits)",
     )
-    parser.add_argument(
-        "--image-size", type=int, default=None, help="frame size (default: the model's)"
-    )
-    parser.add_argument(
-        "--crop",
-        choices=("center", "resize"),
-        default="center",
-        help="center square after resizing the short side, or resize the whole frame "
-        "(default: %(default)s)",
-    )
+    add_frame_arguments(parser)
     parser.add_argument(
         "--num-workers",
         type=int,

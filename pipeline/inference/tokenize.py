@@ -67,7 +67,11 @@ from pipeline.distributed.collectives import (
     teardown,
 )
 from pipeline.distributed.world import World
-from pipeline.inference.arguments import add_checkpoint_and_shards, add_precision_argument
+from pipeline.inference.arguments import (
+    add_checkpoint_and_shards,
+    add_frame_arguments,
+    add_precision_argument,
+)
 from pipeline.inference.export import file_sha256, load_tokenizer, resolve_export_dir, usable_frames
 from pipeline.inference.precision import inference_precision, resolve_precision
 from pipeline.logs import progress_bar, setup_logging
@@ -344,16 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=8, help="clips per batch per rank (default: %(default)s)"
     )
-    parser.add_argument(
-        "--image-size", type=int, default=None, help="frame size (default: the model's)"
-    )
-    parser.add_argument(
-        "--crop",
-        choices=("center", "resize"),
-        default="center",
-        help="center square after resizing the short side, or resize the whole frame "
-        "(default: %(default)s)",
-    )
+    add_frame_arguments(parser)
     parser.add_argument(
         "--max-frames", type=int, default=None, help="frames per clip (default: all)"
     )
