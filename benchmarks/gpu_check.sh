@@ -11,9 +11,10 @@
 #   tests      python3 -m pytest -m gpu tests/gpu (training tests first), junit XML: pytest.xml
 #   gpu_train  benchmarks/bench_gpu_train.py, base_128.yaml for 20 steps: gpu_train.json
 #   model, encode, train   the side-by-side benchmarks on CUDA in bf16: model/encode/train.json
+#   lfq_entropy  benchmarks/bench_lfq_entropy.py, the batch entropy at 2**18 codes: lfq_entropy.json
 # The throughput figure (gpu_train) runs before the side-by-side benchmarks: if time runs out,
-# the side-by-side ones are what is lost. OUT gets 7 files (the device tool returns at most 8):
-# gpu_check.log, summary.json, pytest.xml and the four benchmark JSONs. A part stopped by its
+# the side-by-side ones are what is lost. OUT gets 8 files (the device tool returns at most 8):
+# gpu_check.log, summary.json, pytest.xml and the five benchmark JSONs. A part stopped by its
 # timeout gets SIGINT first (pytest then still writes its XML), SIGKILL 10 s later.
 #
 # Environment:
@@ -131,7 +132,7 @@ if [ "$device" = cuda ]; then
     part gpu_train 100 "$PYTHON" benchmarks/bench_gpu_train.py --work "$scratch/gpu_train" \
         --out "$out/gpu_train.json"
     # base_128 without activation checkpointing is estimated at 50-100 GB: if it did not fit,
-    # the figure with checkpointing is the one to have (same file, so still 7 in OUT).
+    # the figure with checkpointing is the one to have (same file, so still 8 in OUT).
     if [ "$(tail -n 1 "$records" | cut -f2)" != 0 ] &&
         grep -q "OutOfMemoryError\|CUDA out of memory" "$log"; then
         part gpu_train_checkpointed 100 "$PYTHON" benchmarks/bench_gpu_train.py \
@@ -145,6 +146,10 @@ if [ "$device" = cuda ]; then
     # tests/gpu measures activation checkpointing's memory on CUDA instead.
     part train 55 "$PYTHON" benchmarks/bench_train.py --device cuda --precision bf16 \
         --skip-zero --skip-memory --repeats 5 --warmup 2 --out "$out/train.json"
+    # LFQ's batch entropy at 2**18 codes: the old fixed block against the one chosen from the
+    # free GPU memory (time, peak memory, operator launches).
+    part lfq_entropy 25 "$PYTHON" benchmarks/bench_lfq_entropy.py --device cuda \
+        --blocks 4194304 --out "$out/lfq_entropy.json"
 else  # the same commands with settings a CPU runs in minutes
     part gpu_train 300 "$PYTHON" benchmarks/bench_gpu_train.py --device cpu \
         --config launch/configs/tiny_cpu.yaml --steps 3 --warmup 1 --shard-workers 1 \
@@ -157,6 +162,8 @@ else  # the same commands with settings a CPU runs in minutes
         --memory-frames 17 --chunk-frames 8 --out "$out/encode.json"
     part train 300 "$PYTHON" benchmarks/bench_train.py --device cpu --precision bf16 \
         --skip-zero --skip-memory --repeats 1 --warmup 1 --out "$out/train.json"
+    part lfq_entropy 300 "$PYTHON" benchmarks/bench_lfq_entropy.py --device cpu \
+        --rows 256 --blocks 1048576 --out "$out/lfq_entropy.json"
 fi
 
 # summary.json: every part's exit code, the machine, each test's outcome and figures, and the

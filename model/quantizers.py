@@ -22,8 +22,23 @@ from torch import Tensor, nn
 from model.config import TokenizerConfig
 from model.precision import ieee_fp32
 
-# Largest (rows x codes) block of probabilities held at once by the chunked batch entropy.
-_PROBABILITY_BLOCK_ELEMENTS = 1 << 22
+# The (rows x codes) block of probabilities the chunked batch entropy holds at once. On CPUs,
+# 2**22 elements (16 MiB) is as fast as larger blocks (benchmarks/bench_lfq_entropy.py). On
+# GPUs each block costs a handful of kernel launches whatever its size, so the block grows with
+# the free memory: at 2**18 codes, 16 rows a block meant ~640 blocks each way per micro-step.
+CPU_PROBABILITY_BLOCK_ELEMENTS = 1 << 22
+MAX_PROBABILITY_BLOCK_ELEMENTS = 1 << 28  # 1 GiB of fp32 probabilities
+_BLOCK_TEMPORARIES = 4  # fp32 (rows, codes) tensors alive at once: logits, probs, weighted, grad
+_FREE_MEMORY_SHARE = 16  # a block takes at most 1/16 of the device's free memory
+
+
+def probability_block_elements(device: torch.device) -> int:
+    """How many (row, code) probabilities the batch entropy computes per block on `device`."""
+    if device.type != "cuda":
+        return CPU_PROBABILITY_BLOCK_ELEMENTS
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    budget = free_bytes // (_FREE_MEMORY_SHARE * _BLOCK_TEMPORARIES * 4)
+    return int(min(MAX_PROBABILITY_BLOCK_ELEMENTS, max(CPU_PROBABILITY_BLOCK_ELEMENTS, budget)))
 
 
 class QuantizerLossBreakdown(NamedTuple):
@@ -184,6 +199,9 @@ class LFQ(nn.Module):
         # Averages the batch code distribution across data-parallel ranks; set by the trainer
         # (it must be differentiable, e.g. torch.distributed.nn.all_reduce / world size).
         self.batch_probs_reducer: Callable[[Tensor], Tensor] | None = None
+        self.probability_block_elements: int | None = None
+        """Probabilities per block of the batch entropy; None: `probability_block_elements`
+        of the device. Values and gradients do not depend on it (up to float rounding)."""
 
     @property
     def num_channels_out(self) -> int:
@@ -233,9 +251,8 @@ class LFQ(nn.Module):
         z = (4 * self.inv_temperature * self.code_scale) * x  # (b, n, c, d)
         per_sample_entropy = binary_entropy_from_logits(z).sum(dim=-1).mean()
         rows = z.flatten(0, 1)  # (b n, c, d)
-        block_rows = max(
-            1, _PROBABILITY_BLOCK_ELEMENTS // (self.codebook_size * self.num_codebooks)
-        )
+        block_elements = self.probability_block_elements or probability_block_elements(z.device)
+        block_rows = max(1, block_elements // (self.codebook_size * self.num_codebooks))
         mean_probs = _MeanCodeProbabilities.apply(rows, self.bits.float(), block_rows)  # (c, codes)
         if self.batch_probs_reducer is not None:
             mean_probs = self.batch_probs_reducer(mean_probs)

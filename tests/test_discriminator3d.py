@@ -84,7 +84,9 @@ def test_the_tokenizer_trains_against_it_on_whole_clips():
     loss.backward()
     d_loss, d_parts = model.discriminator_loss(x, output.recon.detach())
     d_loss.backward()
-    assert seen and all(shape == x.shape for shape in seen)  # whole clips, not frames
+    # Whole clips, not frames (the discriminator update sends real and fake as one batch).
+    assert seen and all(shape[1:] == x.shape[1:] for shape in seen)
+    assert {shape[0] for shape in seen} == {2, 4}
     assert torch.isfinite(loss) and torch.isfinite(d_loss) and d_parts.gradient_penalty > 0
     assert all(p.grad is not None for p in model.discr.parameters() if p.ndim > 1)
     with pytest.raises(ValueError, match="discriminator_kind must be one of"):

@@ -187,13 +187,13 @@ def test_lfq_entropy_matmuls_are_ieee_fp32_when_tf32_is_enabled(blocks, monkeypa
         quantizers, "_block_probabilities", recording(quantizers._block_probabilities)
     )
     monkeypatch.setattr(quantizers, "_block_grad", recording(quantizers._block_grad))
-    if blocks == "several blocks":
-        monkeypatch.setattr(quantizers, "_PROBABILITY_BLOCK_ELEMENTS", 64 * 16)
     saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.mkldnn.matmul.fp32_precision = "tf32"
     try:
         q = LFQ(dim=4, codebook_size=16).train()
+        if blocks == "several blocks":
+            q.probability_block_elements = 64 * 16
         x = torch.randn(2, 4, 3, 4, 4, requires_grad=True)
         q(x).aux_loss.backward()
         after = (
@@ -206,3 +206,34 @@ def test_lfq_entropy_matmuls_are_ieee_fp32_when_tf32_is_enabled(blocks, monkeypa
     assert len(seen) >= 4 and set(seen) == {"ieee"}, seen
     assert after == ("tf32", "tf32")
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_lfq_block_size_changes_neither_values_nor_gradients():
+    """The device-chosen block (one block here) and small blocks give the same aux loss and
+    input gradient within 1e-5."""
+    results = []
+    for block_elements in (None, 16 * 64, 4 * 64, 2 * 64):
+        torch.manual_seed(0)
+        q = LFQ(dim=6, codebook_size=64).train()
+        q.probability_block_elements = block_elements
+        x = torch.randn(2, 6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        loss = q(x).aux_loss
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_probability_block_elements_by_device():
+    from model.quantizers import (
+        CPU_PROBABILITY_BLOCK_ELEMENTS,
+        MAX_PROBABILITY_BLOCK_ELEMENTS,
+        probability_block_elements,
+    )
+
+    assert probability_block_elements(torch.device("cpu")) == CPU_PROBABILITY_BLOCK_ELEMENTS
+    if torch.cuda.is_available():
+        chosen = probability_block_elements(torch.device("cuda"))
+        assert CPU_PROBABILITY_BLOCK_ELEMENTS <= chosen <= MAX_PROBABILITY_BLOCK_ELEMENTS

@@ -126,3 +126,26 @@ def test_warmup_is_the_default_of_the_config_and_the_launch_configs():
     for name in ("tiny_cpu", "demo_cpu", "base_128", "base_256"):
         assert load_config(CONFIG.parent / f"{name}.yaml").ema_warmup, name
     assert not load_config(CONFIG, ["ema_warmup=false"]).ema_warmup
+
+
+def test_update_is_one_foreach_lerp_not_a_kernel_per_tensor():
+    """The update is one foreach lerp over all tensors (the per-tensor loop called a cast and a
+    lerp per tensor), with the same values as the per-tensor rule. On CUDA that op is a fused
+    multi-tensor kernel; on CPU it loops over the tensors inside, as the lerps under it show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    module = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    ema = EMA(module, decay=0.9, warmup=False)
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ema.update(module, step=1)
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::_foreach_lerp_") == 1
+    assert names.count("aten::lerp_") in (0, 12)  # 12: the CPU fallback, under the foreach op
+    for name, tensor in module.state_dict().items():
+        expected[name].lerp_(tensor, 0.1)
+        torch.testing.assert_close(ema.shadow[name], expected[name], rtol=0, atol=0)
