@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from model.config import TokenizerConfig
 from model.precision import ieee_fp32
 
-# The (rows x codes) block of probabilities the chunked batch entropy holds at once. On CPUs,
-# 2**22 elements (16 MiB) is as fast as larger blocks (benchmarks/bench_lfq_entropy.py). On
-# GPUs each block costs a handful of kernel launches whatever its size, so the block grows with
-# the free memory: at 2**18 codes, 16 rows a block meant ~640 blocks each way per micro-step.
-CPU_PROBABILITY_BLOCK_ELEMENTS = 1 << 22
+# The (rows x codes) block of probabilities the chunked batch entropy holds at once. On CPUs
+# 2**24 elements (64 MiB; about 200 MiB of temporaries) ran 0.74x the time of 2**22 and as fast
+# as 2**26 (benchmarks/bench_lfq_entropy.py, 10 240 rows x 2**18 codes). On GPUs each block
+# costs a handful of kernel launches whatever its size, so the block grows with the free memory:
+# at 2**18 codes, 2**22 elements (16 rows) meant ~640 blocks each way per micro-step.
+CPU_PROBABILITY_BLOCK_ELEMENTS = 1 << 24
 MAX_PROBABILITY_BLOCK_ELEMENTS = 1 << 28  # 1 GiB of fp32 probabilities
 _BLOCK_TEMPORARIES = 4  # fp32 (rows, codes) tensors alive at once: logits, probs, weighted, grad
 _FREE_MEMORY_SHARE = 16  # a block takes at most 1/16 of the device's free memory

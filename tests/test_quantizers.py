@@ -119,9 +119,11 @@ class LargestTensor(TorchDispatchMode):
 
 def test_large_codebook_entropy_never_holds_all_probabilities():
     """18 bits and 256 tokens: the direct formula holds 256 x 2**18 probabilities at once (and
-    several such tensors for autograd); the factorised, blocked one never exceeds 2**22."""
+    several such tensors for autograd); the factorised one, in blocks of 2**22, never exceeds a
+    block."""
     torch.manual_seed(0)
     q = LFQ(dim=18, codebook_size=2**18).train()
+    q.probability_block_elements = 2**22
     x = torch.randn(1, 18, 1, 16, 16, requires_grad=True)
     with LargestTensor() as largest:
         out = q(x)
