@@ -311,9 +311,8 @@ def discriminator_loss(
     recon = recon.detach()
     index = random_frame_index(video)
     kind = config.discriminator_kind
-    # Real and fake through the critic as one batch: one pass of larger convolutions instead of
-    # two (the critic is per-sample: no batch statistics), and one double backward for the
-    # penalty instead of two.
+    # Real and fake as one batch (the critic has no batch statistics): one critic pass and one
+    # penalty double backward instead of two of each.
     both = torch.cat((critic_view(kind, video, index), critic_view(kind, recon, index)))
     if apply_gradient_penalty:
         both = both.detach().requires_grad_()
