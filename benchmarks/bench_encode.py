@@ -55,7 +55,9 @@ from devices import (  # noqa: E402
     add_device_arguments,
     cuda_peak_of,
     machine_info,
+    peak_rss_bytes,
     resolve_device,
+    rss_bytes,
     timed,
 )
 from reference_card import CARD_LAYERS  # noqa: E402
@@ -244,11 +246,11 @@ def measure_rss(preset: str, impl: str, args: argparse.Namespace) -> dict:
     else:
         model = VideoTokenizer(**kwargs, reference_quirks=impl == "ours-quirks")
     video = make_video(settings.batch, settings.frames, settings.size)
-    _peak_rss_since_reset(reset=True)
-    rss_before = _rss_bytes()
+    peak_rss_bytes(reset=True)
+    rss_before = rss_bytes()
     with precision_context(args, torch.device("cpu")):
         model.eval().tokenize(video)
-    peak = _peak_rss_since_reset()
+    peak = peak_rss_bytes()
     return {"peak_rss_bytes": peak, "peak_rss_above_start_bytes": peak - rss_before}
 
 
@@ -261,22 +263,6 @@ def rss_in_subprocess(preset: str, impl: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see memory_in_subprocess
     result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_since_reset(reset: bool = False) -> int:
-    """VmHWM, the peak RSS; `reset` restarts it from the current RSS (ru_maxrss cannot be
-    reset, and a child inherits its parent's across exec)."""
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def memory_run(variant: str, mode: str, frames: int, args: argparse.Namespace, device):
@@ -317,10 +303,10 @@ def measure_memory(variant: str, mode: str, frames: int, args: argparse.Namespac
     from torch.profiler import ProfilerActivity, profile
 
     run, video = memory_run(variant, mode, frames, args, torch.device("cpu"))
-    _peak_rss_since_reset(reset=True)
-    rss_before = _rss_bytes()
+    peak_rss_bytes(reset=True)
+    rss_before = rss_bytes()
     run()  # warm-up (lazily created state), and the run whose peak RSS is reported
-    peak_rss = _peak_rss_since_reset()
+    peak_rss = peak_rss_bytes()
     with profile(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
     ) as prof:

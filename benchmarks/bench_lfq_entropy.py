@@ -4,9 +4,9 @@ entropy term (forward + backward) per probability block size.
 At 2**18 codes and 10 240 rows (about a base_128 micro-step's latents) the (rows x codes)
 probability matrix is 2.7e9 elements, so it is built one block of rows at a time. The block was
 fixed at 2**22 elements (16 rows); it is now `probability_block_elements(device)`: 2**24 on CPU
-(chosen from this benchmark), up to 2**28 elements (1024 rows) from the free memory on a GPU. Each setting runs in a
-fresh process (peak RSS on CPU, max_memory_allocated on CUDA); operators are counted with the
-profiler (each is one kernel launch on a GPU).
+(chosen from this benchmark), up to 2**28 elements (1024 rows) from the free memory on a GPU.
+Each setting runs in a fresh process (peak RSS on CPU, max_memory_allocated on CUDA);
+operators are counted with the profiler (each is one kernel launch on a GPU).
 
     python benchmarks/bench_lfq_entropy.py --out benchmarks/measured/lfq_entropy_cpu.json
     python benchmarks/bench_lfq_entropy.py --device cuda
@@ -27,7 +27,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devices import add_device_arguments, machine_info, resolve_device, synchronize  # noqa: E402
+from devices import (  # noqa: E402
+    add_device_arguments,
+    machine_info,
+    peak_rss_bytes,
+    resolve_device,
+    rss_bytes,
+    synchronize,
+)
 from report import write_report  # noqa: E402
 
 from model.quantizers import LFQ, probability_block_elements  # noqa: E402
@@ -63,7 +70,7 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        peak_rss_bytes(reset=True)  # the peak RSS := the current RSS
     before = _memory(device)
     synchronize(device)
     start = time.perf_counter()
@@ -89,22 +96,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def _memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _status_kib("VmRSS") * 1024
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
 
 
 def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _status_kib("VmHWM") * 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
 
 
 def main(args: argparse.Namespace) -> dict:

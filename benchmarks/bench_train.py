@@ -55,7 +55,9 @@ from devices import (  # noqa: E402
     add_device_arguments,
     cuda_peak_of,
     machine_info,
+    peak_rss_bytes,
     resolve_device,
+    rss_bytes,
     timed,
 )
 from reference_card import CARD_LAYERS  # noqa: E402
@@ -354,20 +356,12 @@ def memory_worker(args: argparse.Namespace) -> None:
         args.result.write_text(json.dumps({"peak_cuda_above_start_bytes": peak}))
         teardown()  # NCCL wants its group destroyed before the interpreter exits
         return
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
+    peak_rss_bytes(reset=True)  # the peak RSS (VmHWM) := the current RSS
+    before = rss_bytes()
     for _ in range(3):
         step()
-    peak = _status_kib("VmHWM")
-    args.result.write_text(json.dumps({"peak_rss_above_start_bytes": (peak - before) * 1024}))
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    peak = peak_rss_bytes()
+    args.result.write_text(json.dumps({"peak_rss_above_start_bytes": peak - before}))
 
 
 def bench_memory(args: argparse.Namespace, shards: str, work: Path) -> dict:

@@ -68,6 +68,23 @@ def cuda_peak_of(fn, device: torch.device) -> dict:
     }
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes(reset: bool = False) -> int:
+    """VmHWM, the peak RSS; `reset` restarts it from the current RSS (ru_maxrss cannot be
+    reset, and a child inherits its parent's across exec)."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def _cpu_model_and_flags() -> dict:
     """The CPU's model name and its vector-extension flags (AVX2 / AVX-512 machines differ),
     from /proc/cpuinfo where there is one."""

@@ -11,6 +11,7 @@ Index conventions (magvit2-pytorch / vector-quantize-pytorch compatible):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,8 +34,11 @@ _BLOCK_TEMPORARIES = 4  # fp32 (rows, codes) tensors alive at once: logits, prob
 _FREE_MEMORY_SHARE = 16  # a block takes at most 1/16 of the device's free memory
 
 
+@functools.cache
 def probability_block_elements(device: torch.device) -> int:
-    """How many (row, code) probabilities the batch entropy computes per block on `device`."""
+    """How many (row, code) probabilities the batch entropy computes per block on `device`.
+    Read once per device and process (the free memory at the first training forward): no
+    driver query on every forward, and the same block, so the same rounding, all run long."""
     if device.type != "cuda":
         return CPU_PROBABILITY_BLOCK_ELEMENTS
     free_bytes, _ = torch.cuda.mem_get_info(device)
