@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared command for a one-GPU machine (an H200 without network) that fits
-# in 8 minutes, and leaves every figure as JSON in OUT:
+# in 9 minutes, and leaves every figure as JSON in OUT:
 #
 #   bash benchmarks/gpu_check.sh OUT
 #
@@ -11,6 +11,8 @@
 #   tests      python3 -m pytest -m gpu tests/gpu (training tests first), junit XML: pytest.xml
 #   gpu_train  benchmarks/bench_gpu_train.py, base_128.yaml for 20 steps: gpu_train.json
 #   model, encode, train   the side-by-side benchmarks on CUDA in bf16: model/encode/train.json
+#   switches   benchmarks/bench_switches.py, channels-last and compiled blocks on and off: its JSON
+#              goes into summary.json ("switches"), not a file of its own
 #   lfq_entropy  benchmarks/bench_lfq_entropy.py, the batch entropy at 2**18 codes: lfq_entropy.json
 # The throughput figure (gpu_train) runs before the side-by-side benchmarks: if time runs out,
 # the side-by-side ones are what is lost. OUT gets 8 files (the device tool returns at most 8):
@@ -20,7 +22,8 @@
 # Environment:
 #   WHEELHOUSE          wheel folder made by scripts/wheelhouse.sh [.whl]
 #   PYTHON              interpreter [python3, the one with torch on the GPU machine]
-#   GPU_CHECK_BUDGET_S  total seconds for all parts [470]
+#   GPU_CHECK_BUDGET_S  total seconds for all parts [540; run it with the device tool's
+#                       timeout_s=590]
 #   GPU_CHECK_DEVICE    cuda [cuda]; cpu = a dry run of the plumbing with tiny settings on a
 #                       machine without a GPU (no install; the GPU tests skip)
 set -uo pipefail  # no -e: a failing part is recorded and the next one runs
@@ -32,7 +35,7 @@ out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 device=${GPU_CHECK_DEVICE:-cuda}
-budget=${GPU_CHECK_BUDGET_S:-470}
+budget=${GPU_CHECK_BUDGET_S:-540}
 log="$out/gpu_check.log"
 scratch=$(mktemp -d /tmp/gpu_check.XXXXXX)  # records, versions, work folders: not in OUT
 records="$scratch/parts.tsv"
@@ -146,6 +149,11 @@ if [ "$device" = cuda ]; then
     # tests/gpu measures activation checkpointing's memory on CUDA instead.
     part train 55 "$PYTHON" benchmarks/bench_train.py --device cuda --precision bf16 \
         --skip-zero --skip-memory --repeats 5 --warmup 2 --out "$out/train.json"
+    # The speed switches, each against off (compiling takes most of this part's time).
+    part switches 90 "$PYTHON" benchmarks/bench_switches.py --device cuda --precision bf16 \
+        --size 128 --frames 17 --init-dim 64 --repeats 3 \
+        --variants off channels_last_3d channels_last compile all \
+        --out "$scratch/switches.json"
     # LFQ's batch entropy at 2**18 codes: the old fixed block against the one chosen from the
     # free GPU memory (time, peak memory, operator launches).
     part lfq_entropy 25 "$PYTHON" benchmarks/bench_lfq_entropy.py --device cuda \
@@ -162,6 +170,10 @@ else  # the same commands with settings a CPU runs in minutes
         --memory-frames 17 --chunk-frames 8 --out "$out/encode.json"
     part train 300 "$PYTHON" benchmarks/bench_train.py --device cpu --precision bf16 \
         --skip-zero --skip-memory --repeats 1 --warmup 1 --out "$out/train.json"
+    part switches 300 "$PYTHON" benchmarks/bench_switches.py --device cpu --precision bf16 \
+        --size 32 --frames 5 --init-dim 8 --codebook-size 64 --repeats 1 \
+        --variants off channels_last_3d compile --parts generator encode \
+        --out "$scratch/switches.json"
     part lfq_entropy 300 "$PYTHON" benchmarks/bench_lfq_entropy.py --device cpu \
         --rows 256 --blocks 1048576 --out "$out/lfq_entropy.json"
 fi
@@ -170,13 +182,13 @@ fi
 # headline figures of each benchmark.
 summary_failed='{"error": "the summary could not be written; see gpu_check.log"}'
 "$PYTHON" - "$out" "$records" "$versions" "$device" "$budget" "$(($(date +%s) - start))" \
-    >>"$log" 2>&1 <<'PY' || echo "$summary_failed" >"$out/summary.json"
+    "$scratch/switches.json" >>"$log" 2>&1 <<'PY' || echo "$summary_failed" >"$out/summary.json"
 import json
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-out, records, versions, device, budget, seconds = sys.argv[1:]
+out, records, versions, device, budget, seconds, switches = sys.argv[1:]
 out = Path(out)
 
 
@@ -235,7 +247,14 @@ if train and "speed" in train:
     figures["train"] = {name: {k: row.get(k) for k in ("seconds_median", "speedup_vs_reference")}
                         for name, row in train["speed"]["rows"].items()}
 
+switched = load(Path(switches))
+if switched:
+    figures["switches"] = {part: {variant: {k: row.get(k) for k in (
+        "median_s", "speedup_vs_off", "first_call_s")} for variant, row in rows.items()}
+        for part, rows in switched["parts"].items()}
+
 summary = {
+    "switches": switched,
     "device": device, "budget_s": int(budget), "seconds": int(seconds),
     "all_parts_ok": all(p["exit_code"] in (0, None) for p in parts.values()),
     "skipped_parts": [name for name, p in parts.items() if p["exit_code"] is None],

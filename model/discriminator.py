@@ -20,7 +20,12 @@ class DiscriminatorBlock(nn.Module):
         self, in_channels: int, out_channels: int, *, downsample: bool, antialiased: bool
     ) -> None:
         super().__init__()
-        self.conv_res = nn.Conv2d(in_channels, out_channels, 1, stride=2 if downsample else 1)
+        # The residual's stride-2 1x1 conv runs as a stride-1 conv of every other pixel (the same
+        # sums): oneDNN's strided 1x1 weight gradient of a channels-last input with fewer
+        # channels than its block (the RGB stage) writes out of bounds and crashes the process
+        # (oneDNN issue 6035), and the copy it makes internally for the stride is the same one.
+        self.conv_res = nn.Conv2d(in_channels, out_channels, 1)
+        self.residual_stride = 2 if downsample else 1
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.act = nn.LeakyReLU(0.1)
@@ -29,7 +34,8 @@ class DiscriminatorBlock(nn.Module):
         self.downsample = nn.Conv2d(out_channels * 4, out_channels, 1) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
-        res = self.conv_res(x)
+        step = self.residual_stride
+        res = self.conv_res(x[:, :, ::step, ::step])
         x = self.act(self.conv2(self.act(self.conv1(x))))
         if self.downsample is not None:
             if self.blur is not None:

@@ -103,21 +103,23 @@ class _MeanCodeProbabilities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, bits: Tensor, block_rows: int) -> Tensor:
+    def forward(ctx, z: Tensor, bits: Tensor, on_off: Tensor, block_rows: int) -> Tensor:
         with ieee_fp32(z.device.type):
-            return _MeanCodeProbabilities._forward(ctx, z, bits, block_rows)
+            return _MeanCodeProbabilities._forward(ctx, z, bits, on_off, block_rows)
 
     @staticmethod
-    def _forward(ctx, z: Tensor, bits: Tensor, block_rows: int) -> Tensor:
-        # z: (rows, groups, D) logits; bits: (codes, D) in {0, 1}; returns (groups, codes)
+    def _forward(ctx, z: Tensor, bits: Tensor, on_off: Tensor, block_rows: int) -> Tensor:
+        # z: (rows, groups, D) logits; bits: (codes, D) in {0, 1}; on_off: (2D, codes) the bits
+        # and their complements; returns (groups, codes)
+        log_sigmoids = _log_sigmoids(z)
         if z.shape[0] <= block_rows:  # one block: keep it for backward instead of recomputing
-            probs = _block_probabilities(z, bits)
-            ctx.save_for_backward(z, bits, probs)
+            probs = _probabilities(log_sigmoids, on_off)
+            ctx.save_for_backward(z, bits, on_off, probs)
             return probs.mean(dim=0)
         total = z.new_zeros(z.shape[1], bits.shape[0])
         for start in range(0, z.shape[0], block_rows):
-            total += _block_probabilities(z[start : start + block_rows], bits).sum(dim=0)
-        ctx.save_for_backward(z, bits)
+            total += _probabilities(log_sigmoids[start : start + block_rows], on_off).sum(dim=0)
+        ctx.save_for_backward(z, bits, on_off)
         ctx.block_rows = block_rows
         return total / z.shape[0]
 
@@ -128,27 +130,43 @@ class _MeanCodeProbabilities(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_mean: Tensor):
-        z, bits, *kept = ctx.saved_tensors
+        z, bits, on_off, *kept = ctx.saved_tensors
         # d p(c)/d z_d = p(c) * (bit_cd - sigmoid(z_d))
+        sigmoids = torch.sigmoid(z)
         if kept:
-            grad_z = _block_grad(z, bits, kept[0], grad_mean)
-        else:
-            grad_z = torch.empty_like(z)
-            for start in range(0, z.shape[0], ctx.block_rows):
-                block = z[start : start + ctx.block_rows]
-                probs = _block_probabilities(block, bits)
-                grad_z[start : start + ctx.block_rows] = _block_grad(block, bits, probs, grad_mean)
-        return grad_z / z.shape[0], None, None
+            return _rows_grad(kept[0] * grad_mean, bits, sigmoids) / z.shape[0], None, None, None
+        grad_z, log_sigmoids = torch.empty_like(z), _log_sigmoids(z)
+        for start in range(0, z.shape[0], ctx.block_rows):
+            rows = slice(start, start + ctx.block_rows)
+            weighted = _probabilities(log_sigmoids[rows], on_off).mul_(grad_mean)
+            grad_z[rows] = _rows_grad(weighted, bits, sigmoids[rows])
+        return grad_z / z.shape[0], None, None, None
 
 
-def _block_grad(z: Tensor, bits: Tensor, probs: Tensor, grad_mean: Tensor) -> Tensor:
-    weighted = probs * grad_mean  # (n, groups, codes)
-    return weighted @ bits - weighted.sum(-1, keepdim=True) * torch.sigmoid(z)
+def _rows_grad(weighted: Tensor, bits: Tensor, sigmoids: Tensor) -> Tensor:
+    """sum_c weighted_c * (bit_cd - sigmoid(z_d)), for weighted = p(c | z) * dL/dmean_p(c)."""
+    return weighted @ bits - weighted.sum(-1, keepdim=True) * sigmoids  # (n, groups, D)
 
 
-def _block_probabilities(z: Tensor, bits: Tensor) -> Tensor:
-    log_norm = F.softplus(z).sum(dim=-1, keepdim=True)  # (n, groups, 1)
-    return torch.exp(z @ bits.T - log_norm)  # (n, groups, codes)
+def _log_sigmoids(z: Tensor) -> Tensor:
+    """(rows, groups, 2D): log sigmoid(z_d), then log sigmoid(-z_d)."""
+    return torch.cat((F.logsigmoid(z), F.logsigmoid(-z)), dim=-1)
+
+
+def _probabilities(log_sigmoids: Tensor, on_off: Tensor) -> Tensor:
+    """p(c | z) of every code for a block of rows: (n, groups, 2D), (2D, codes) ->
+    (n, groups, codes)."""
+    # log p(c | z) = sum_d log sigmoid(+-z_d): terms <= 0, near 0 for the likely codes, so fp32
+    # keeps them to ~1e-7. The same number written as bits @ z - sum_d softplus(z_d) is a
+    # difference of two large ones (|z| ~ 400 at inv_temperature 100): fp32 kept p only to ~1e-3,
+    # by an amount that changed with the matmul's blocking (the block size, the device).
+    return (log_sigmoids @ on_off).exp_()
+
+
+def code_bits_on_off(bits: Tensor) -> Tensor:
+    """(2D, codes): each code's bits, then their complements, from `code_bits` (codes, D), laid
+    out for the batch entropy's matmul (made once: a transposed view was copied every block)."""
+    return torch.cat((bits, 1 - bits), dim=-1).T.contiguous()
 
 
 def code_bits(num_bits: int, device: torch.device | None = None) -> Tensor:
@@ -198,6 +216,7 @@ class LFQ(nn.Module):
         self.activation = _activation(straight_through_activation)
         self.inv_temperature = inv_temperature
         self.register_buffer("bits", code_bits(self.codebook_dim), persistent=False)
+        self.register_buffer("bits_on_off", code_bits_on_off(self.bits), persistent=False)
         self.register_buffer(
             "bit_weights", 2 ** torch.arange(self.codebook_dim - 1, -1, -1), persistent=False
         )
@@ -258,7 +277,8 @@ class LFQ(nn.Module):
         rows = z.flatten(0, 1)  # (b n, c, d)
         block_elements = self.probability_block_elements or probability_block_elements(z.device)
         block_rows = max(1, block_elements // (self.codebook_size * self.num_codebooks))
-        mean_probs = _MeanCodeProbabilities.apply(rows, self.bits.float(), block_rows)  # (c, codes)
+        bits, on_off = self.bits.float(), self.bits_on_off.float()
+        mean_probs = _MeanCodeProbabilities.apply(rows, bits, on_off, block_rows)  # (c, codes)
         if self.batch_probs_reducer is not None:
             mean_probs = self.batch_probs_reducer(mean_probs)
         batch_entropy = entropy(mean_probs).mean()

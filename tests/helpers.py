@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import VideoTokenizer
+from model.compilation import compile_blocks
+from model.memory_format import use_channels_last
 
 # Every unconditioned layer kind, twice compressed in time (f = 4) and once in space.
 ALL_UNCONDITIONED = (
@@ -114,3 +117,24 @@ def save_i3d(path, module: torch.nn.Module | None = None):
     torch.manual_seed(0)
     torch.jit.script((module or StandInI3D()).eval()).save(str(path))
     return str(path)
+
+
+# The speed switches (pipeline.train.config_sections.SpeedConfig) as the model tests apply them;
+# compiling takes seconds per block on CPU, hence `slow`.
+SPEED_SWITCHES = (
+    "off",
+    "channels_last",
+    pytest.param("compiled", marks=pytest.mark.slow),
+)
+
+
+def with_switch(model: torch.nn.Module, switch: str) -> torch.nn.Module:
+    """`model` with one speed switch on: channels-last 3-D and 2-D convolutions, or compiled
+    blocks (in place; returns it)."""
+    if switch == "channels_last":
+        use_channels_last(model, conv3d=True, conv2d=True)
+    elif switch == "compiled":
+        assert compile_blocks(model) > 0
+    else:
+        assert switch == "off", switch
+    return model

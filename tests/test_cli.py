@@ -29,6 +29,7 @@ from pipeline.train.config import (
     FaultInjection,
     LossScheduleConfig,
     OptimizerConfig,
+    SpeedConfig,
     TrainConfig,
     load_config,
 )
@@ -50,6 +51,7 @@ SECTIONS = {
     "generator_optim": OptimizerConfig,
     "discriminator_optim": OptimizerConfig,
     "losses": LossScheduleConfig,
+    "speed": SpeedConfig,
     "health": HealthConfig,
     "faults": FaultInjection,
 }

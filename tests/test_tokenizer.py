@@ -6,7 +6,15 @@ import torch
 
 from model import LossBreakdown, VideoTokenizer
 
-from helpers import ALL_CONDITIONED, ALL_UNCONDITIONED, randomize_, tiny_tokenizer, video
+from helpers import (
+    ALL_CONDITIONED,
+    ALL_UNCONDITIONED,
+    SPEED_SWITCHES,
+    randomize_,
+    tiny_tokenizer,
+    video,
+    with_switch,
+)
 
 
 @pytest.mark.parametrize(
@@ -44,14 +52,17 @@ def test_images_are_one_frame_videos():
     assert recon.shape == (2, 3, 1, 16, 16)
 
 
+@pytest.mark.parametrize("switch", SPEED_SWITCHES)
 @pytest.mark.parametrize("separate_first_frame_encoding", [False, True])
-def test_encoder_and_decoder_are_causal(separate_first_frame_encoding):
+def test_encoder_and_decoder_are_causal(separate_first_frame_encoding, switch):
     """Changing frame t leaves the latents (and reconstructions) of earlier groups
-    bit-identical, and changes its own group: every frame is seen, frame 0 included."""
+    bit-identical, and changes its own group: every frame is seen, frame 0 included; with each
+    speed switch on too."""
     model = tiny_tokenizer(
         layers=ALL_UNCONDITIONED, separate_first_frame_encoding=separate_first_frame_encoding
     ).eval()
     randomize_(model)
+    with_switch(model, switch)
     f = model.time_downsample_factor
     x = video(frames=1 + 2 * f)
     with torch.no_grad():

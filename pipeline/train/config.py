@@ -28,6 +28,7 @@ from pipeline.train.config_sections import (
     FaultInjection,
     LossScheduleConfig,
     OptimizerConfig,
+    SpeedConfig,
     check_logger,
 )
 from pipeline.train.health import HealthConfig
@@ -41,6 +42,7 @@ __all__ = [
     "FaultInjection",
     "LossScheduleConfig",
     "OptimizerConfig",
+    "SpeedConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -93,6 +95,8 @@ class TrainConfig:
     discriminator_zero_stage: int = 2
     """ZeRO stage of the discriminator engine (1 or 2: the gradient penalty needs ZeRO <= 2)."""
     activation_checkpointing: bool = False
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """Channels-last convolutions and compiled blocks (config_sections.SpeedConfig)."""
     ema_decay: float = 0.999
     """EMA of the generator weights (evaluation and export use it); 0 disables."""
     ema_start_step: int = 0
@@ -160,14 +164,8 @@ class TrainConfig:
     def _check_intervals(self) -> None:
         """Step counts, intervals and sizes are positive; the minute clock is not negative."""
         for name in (
-            "num_steps",
-            "micro_batch_size",
-            "gradient_accumulation_steps",
-            "log_every",
-            "eval_every",
-            "eval_batches",
-            "checkpoint_every",
-            "keep_checkpoints",
+            *("num_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"),
+            *("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"),
             "codebook_stats_window",
         ):
             if getattr(self, name) < 1:
@@ -276,6 +274,7 @@ _SECTIONS = {
     "generator_optim": OptimizerConfig,
     "discriminator_optim": OptimizerConfig,
     "losses": LossScheduleConfig,
+    "speed": SpeedConfig,
     "faults": FaultInjection,
     "health": HealthConfig,
 }

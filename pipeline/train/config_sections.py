@@ -1,4 +1,4 @@
-"""The optimizer, loss-schedule and fault-injection sections of the training config
+"""The optimizer, loss-schedule, speed and fault-injection sections of the training config
 (pipeline.train.config, which re-exports them): each a frozen dataclass that checks its own
 values."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+
+from model.compilation import COMPILE_MODES
 
 LR_DECAYS = ("cosine", "linear", "constant")
 ANNEAL_SHAPES = ("linear", "cosine")
@@ -105,6 +107,41 @@ class LossScheduleConfig:
     @property
     def quantizer_annealed(self) -> bool:
         return self.entropy_weight_start_factor != 1 or self.commitment_weight_start_factor != 1
+
+
+# Not "off": YAML reads an unquoted off as false.
+COMPILE_CHOICES = ("none", "blocks")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedConfig:
+    """Switches of how a step runs, not of what it computes (the same losses and gradients, to
+    float rounding). All off by default: on CPU each measured slower or within a few percent
+    (benchmarks/bench_switches.py; the README's "Speed switches"); benchmarks/gpu_check.sh
+    measures them on a GPU."""
+
+    channels_last_3d: bool = False
+    """The training networks' Conv3d inputs in torch.channels_last_3d (model.memory_format)."""
+    channels_last: bool = False
+    """Their Conv2d inputs (image discriminator, perceptual VGG, first-frame stems) in
+    torch.channels_last."""
+    compile: str = "none"
+    """'blocks': torch.compile of each encoder and decoder layer and each discriminator stage
+    (model.compilation), compiled during the first steps (about a minute on CPU); the
+    gradient penalty's steps run the discriminator eagerly (no double backward through
+    compiled code). 'none'."""
+    compile_mode: str = "default"
+    """torch.compile's mode for 'blocks': 'default' or 'max-autotune-no-cudagraphs'."""
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(
+                f"speed.compile must be one of {COMPILE_CHOICES}, got {self.compile!r}"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"speed.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from model import Tokenizer
+from model.compilation import compile_blocks
 from model.critics import build_training_networks
+from model.memory_format import use_channels_last
 from pipeline.data.loader import Batch, ShardLoader
 from pipeline.distributed.collectives import all_reduce_mean, differentiable_mean, is_distributed
 from pipeline.distributed.world import World, deterministic_cublas
@@ -122,11 +124,15 @@ class Trainer(CheckpointFlow, Reporting):
         if is_distributed() and hasattr(tokenizer.quantizer, "batch_probs_reducer"):
             # LFQ's batch code distribution over all ranks, as the batch entropy is defined.
             tokenizer.quantizer.batch_probs_reducer = differentiable_mean
-        tokenizer.to(device)
-        if critics is not None:
-            critics.to(device)
-        if perceptual is not None:
-            perceptual.to(device)
+        speed = config.speed
+        for network in (tokenizer, critics, perceptual):
+            if network is not None:
+                network.to(device)
+                use_channels_last(
+                    network, conv3d=speed.channels_last_3d, conv2d=speed.channels_last
+                )
+                if speed.compile == "blocks":  # after the hooks, which it then traces
+                    compile_blocks(network, speed.compile_mode)
         return tokenizer, perceptual, critics
 
     def _load_metric_networks(self) -> tuple:

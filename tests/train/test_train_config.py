@@ -38,6 +38,11 @@ def run_main(overrides, capsys) -> tuple[int, str]:
         ),
         (["data.micro_batch_size=3"], "derived by the trainer"),
         (["init_from=/nonexistent/run"], "init_from=/nonexistent/run: not an export"),
+        (["speed.compile=whole"], r"speed.compile must be one of \('none', 'blocks'\)"),
+        (["speed.compile=off"], "speed.compile must be str, got False"),  # YAML's off
+        (["speed.compile_mode=reduce-overhead"], "speed.compile_mode must be one of"),
+        (["speed.channels_last=3"], "speed.channels_last must be bool"),
+        (["speed.channel_last=true"], r"unknown key\(s\) \['channel_last'\] in speed"),
         (["generator_optim.lr=fast"], "generator_optim.lr must be float, got 'fast'"),
         (["num_steps=2.5"], "config.num_steps must be int, got 2.5"),
     ],
