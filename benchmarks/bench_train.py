@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-zero", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--switched",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="also time our trainer with these speed.* settings (e.g. compile=blocks "
+        "channels_last_3d=true) as a third row, interleaved with the other two",
+    )
     add_device_arguments(parser)
     # internal: one measurement in this process, JSON to --result
     parser.add_argument("--worker", choices=("zero", "memory"), help=argparse.SUPPRESS)
@@ -213,7 +221,8 @@ def our_trainer(
     from pipeline.train import engines
     from pipeline.train.trainer import Trainer
 
-    config = train_config(shards, str(work / "ours"), precision, device=device.type, **extra)
+    name = extra.pop("name", "ours")
+    config = train_config(shards, str(work / name), precision, device=device.type, **extra)
     world = World.from_env()
     engines.init_deepspeed_distributed(world, 600, device)
     trainer = Trainer(config, world, device)
@@ -235,6 +244,11 @@ def bench_speed(args: argparse.Namespace, shards: str, work: Path, device: torch
     # The reference first: before DeepSpeed's process group exists.
     steps = {"reference": reference_trainer(batches, work, device, args.precision)}
     steps["ours"] = our_trainer(shards, batches, work, device, args.precision)
+    if args.switched:
+        speed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.switched)}
+        steps["ours_switched"] = our_trainer(
+            shards, batches, work, device, args.precision, name="ours_switched", speed=speed
+        )
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.warmup):
         for step in steps.values():
@@ -248,9 +262,15 @@ def bench_speed(args: argparse.Namespace, shards: str, work: Path, device: torch
     }
     for row in rows.values():
         row["iterations_per_s"] = 1 / row["seconds_median"]
-    rows["ours"]["speedup_vs_reference"] = (
-        rows["reference"]["seconds_median"] / rows["ours"]["seconds_median"]
-    )
+    for name in rows.keys() - {"reference"}:
+        rows[name]["speedup_vs_reference"] = (
+            rows["reference"]["seconds_median"] / rows[name]["seconds_median"]
+        )
+    if args.switched:
+        rows["ours_switched"]["speed"] = dict(item.split("=", 1) for item in args.switched)
+        rows["ours_switched"]["speedup_vs_ours"] = (
+            rows["ours"]["seconds_median"] / rows["ours_switched"]["seconds_median"]
+        )
     return {"clips": sum(len(b.keys) for b in batches), "rows": rows}
 
 
