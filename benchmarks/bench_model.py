@@ -58,8 +58,9 @@ from model.losses import vgg16_fc7_features  # noqa: E402
 IMPLEMENTATIONS = ("reference", "ours", "ours+checkpointing")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, input and timing options `build` and `make_video` read (also
+    bench_switches'), with --device / --precision and --out."""
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--batch", type=int, default=1)
@@ -68,8 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--skip-memory", action="store_true")
     add_device_arguments(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--skip-memory", action="store_true")
     # internal: measure one (implementation, step) in this process and print JSON
     parser.add_argument(
         "--memory-of", nargs=3, metavar=("IMPL", "STEP", "MODE"), help=argparse.SUPPRESS

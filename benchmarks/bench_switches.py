@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -34,8 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_model import build, make_video  # noqa: E402
-from devices import add_device_arguments, machine_info, resolve_device, timed  # noqa: E402
+from bench_model import add_model_arguments, build, make_video  # noqa: E402
+from devices import machine_info, resolve_device, timed  # noqa: E402
 from report import write_report  # noqa: E402
 
 from model.compilation import compile_blocks, eager  # noqa: E402
@@ -53,17 +52,9 @@ PARTS = ("generator", "discriminator_gp", "discriminator", "encode")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_device_arguments(parser)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--init-dim", type=int, default=32)
-    parser.add_argument("--codebook-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_model_arguments(parser)  # bench_model's: build() reads them
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
 
