@@ -7,10 +7,12 @@ the encoder and decoder layers and the discriminator stages) and `all`. Parts ti
 variants interleaved call by call, medians of --repeats after one warm-up call (for `compile`,
 the warm-up call compiles; its seconds are reported as `compile_s`):
 - generator: bench_model's generator step (loss with GAN and perceptual terms, backward);
-- discriminator_gp: bench_model's discriminator step with the gradient penalty (compiled
-  blocks run it eagerly: no double backward through compiled code);
-- discriminator: the same without the penalty (what 3 of 4 steps do at gradient_penalty_every 4);
-- encode: `tokenize` under no_grad (bench_encode's speed measure).
+- discriminator: bench_model's discriminator step without the gradient penalty (what 3 of 4
+  steps do at gradient_penalty_every 4);
+- encode: `tokenize` under no_grad (bench_encode's speed measure);
+- discriminator_gp: the same with the penalty (compiled blocks run it eagerly: no double
+  backward through compiled code).
+The JSON is rewritten after each part, so a run cut short keeps the parts it finished.
 Ratios are off / variant (above 1: the switch is faster).
 
     python benchmarks/bench_switches.py --out benchmarks/results/switches.json
@@ -47,7 +49,7 @@ VARIANTS = {
     "compile": dict(conv3d=False, conv2d=False, compile=True),
     "all": dict(conv3d=True, conv2d=True, compile=True),
 }
-PARTS = ("generator", "discriminator_gp", "discriminator", "encode")
+PARTS = ("generator", "discriminator", "encode", "discriminator_gp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,7 +128,7 @@ def main(args: argparse.Namespace) -> dict:
             for v in fns
         }
         print_part(part, results["parts"][part])
-    write_report(results, args.out)
+        write_report(results, args.out)  # after each part: a timeout keeps what was measured
     return results
 
 
