@@ -5,13 +5,13 @@ perceptual loss with random weights): `off`, `channels_last_3d` (the Conv3d inpu
 `channels_last` (the Conv2d inputs: discriminator, VGG), `compile` (regional torch.compile of
 the encoder and decoder layers and the discriminator stages) and `all`. Parts timed, the
 variants interleaved call by call, medians of --repeats after one warm-up call (for `compile`,
-the warm-up call compiles; its seconds are reported as `compile_s`):
+the warm-up call compiles; each variant's is reported as `first_call_s`):
 - generator: bench_model's generator step (loss with GAN and perceptual terms, backward);
 - discriminator: bench_model's discriminator step without the gradient penalty (what 3 of 4
   steps do at gradient_penalty_every 4);
 - encode: `tokenize` under no_grad (bench_encode's speed measure);
-- discriminator_gp: the same with the penalty (compiled blocks run it eagerly: no double
-  backward through compiled code).
+- discriminator_gp: the same with the penalty (`discriminator_loss` runs the penalised pass
+  eagerly: no double backward through compiled code).
 The JSON is rewritten after each part, so a run cut short keeps the parts it finished.
 Ratios are off / variant (above 1: the switch is faster).
 
@@ -24,7 +24,6 @@ Needs the bench extra (torchvision's VGG16 class). Not part of the test run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from bench_model import add_model_arguments, build, make_video  # noqa: E402
 from devices import machine_info, resolve_device, timed  # noqa: E402
 from report import write_report  # noqa: E402
 
-from model.compilation import compile_blocks, eager  # noqa: E402
+from model.compilation import compile_blocks  # noqa: E402
 from model.memory_format import channels_last_share, use_channels_last  # noqa: E402
 
 VARIANTS = {
@@ -76,9 +75,8 @@ def part_fn(part: str, model, video: torch.Tensor, recon: torch.Tensor):
         model.zero_grad(set_to_none=True)
 
     def discriminator(penalty: bool) -> None:
-        with eager() if penalty else contextlib.nullcontext():
-            loss, _ = model.discriminator_loss(video, recon, apply_gradient_penalty=penalty)
-            loss.backward()
+        loss, _ = model.discriminator_loss(video, recon, apply_gradient_penalty=penalty)
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     def encode() -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.compilation import eager
 from model.config import TokenizerConfig
 from model.losses import (
     DISCR_LOSSES,
@@ -314,9 +315,7 @@ def discriminator_loss(
     # Real and fake as one batch (the critic has no batch statistics): one critic pass and one
     # penalty double backward instead of two of each.
     both = torch.cat((critic_view(kind, video, index), critic_view(kind, recon, index)))
-    if apply_gradient_penalty:
-        both = both.detach().requires_grad_()
-    both_logits = discr(both)
+    both, both_logits = _critic_pass(discr, both, apply_gradient_penalty)
     real_logits, fake_logits = both_logits.chunk(2)
     loss_fn = DISCR_LOSSES[config.discriminator_adversarial_loss]
     discr_loss = loss_fn(fake_logits.float(), real_logits.float())
@@ -343,6 +342,17 @@ def discriminator_loss(
     if lecam is not None:
         total = total + lecam * lecam_weight
     return total, DiscrLossBreakdown(discr_loss, multiscale_losses, penalty)
+
+
+def _critic_pass(discr: nn.Module, inputs: Tensor, penalised: bool) -> tuple[Tensor, Tensor]:
+    """(inputs, the critic's logits of them). For the gradient penalty the inputs become a leaf
+    the logits are differentiated by, and the pass runs eagerly: compiled blocks
+    (model.compilation) have no double backward."""
+    if not penalised:
+        return inputs, discr(inputs)
+    inputs = inputs.detach().requires_grad_()
+    with eager():
+        return inputs, discr(inputs)
 
 
 def _lecam_term(

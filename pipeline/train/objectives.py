@@ -8,13 +8,11 @@ the scalar loss as the only tensor that requires grad, satisfies both.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from torch import Tensor, nn
 
 from model import Tokenizer, TokenizerConfig
-from model.compilation import eager
 from model.discriminator import Discriminators
 from model.objectives import discriminator_loss, generator_loss
 
@@ -84,21 +82,18 @@ class DiscriminatorObjective(nn.Module):
         lecam_anchors: Tensor | None = None,
     ) -> tuple:
         logits: dict[str, Tensor] = {}
-        # The penalty differentiates a gradient: compiled blocks (speed.compile) have no double
-        # backward, so its steps run them eagerly.
-        with eager() if apply_gradient_penalty else contextlib.nullcontext():
-            loss, breakdown = discriminator_loss(
-                video,
-                recon,
-                config=self.config,
-                discr=self.critics.discr,
-                multiscale_discrs=self.critics.multiscale_discrs,
-                apply_gradient_penalty=apply_gradient_penalty,
-                gradient_penalty_scale=gradient_penalty_scale,
-                lecam_weight=lecam_weight,
-                lecam_anchors=lecam_anchors,
-                logits_out=logits,
-            )
+        loss, breakdown = discriminator_loss(
+            video,
+            recon,
+            config=self.config,
+            discr=self.critics.discr,
+            multiscale_discrs=self.critics.multiscale_discrs,
+            apply_gradient_penalty=apply_gradient_penalty,
+            gradient_penalty_scale=gradient_penalty_scale,
+            lecam_weight=lecam_weight,
+            lecam_anchors=lecam_anchors,
+            logits_out=logits,
+        )
         return loss, _detached(breakdown), logits
 
 
