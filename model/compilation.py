@@ -9,7 +9,8 @@ parameter names, state dicts, DeepSpeed's view of the parameters and activation 
 (which calls the block) are those of the plain model.
 
 AOTAutograd has no double backward: code that differentiates a gradient through a compiled
-block (the discriminator's gradient penalty) runs it inside `eager()`.
+block runs it inside `eager()` (model.objectives.discriminator_loss does so for the gradient
+penalty's critic pass).
 """
 
 from __future__ import annotations
