@@ -16,6 +16,7 @@ import torch
 
 from pipeline.commands import command_name
 from pipeline.data.loader import resolve_shards
+from pipeline.distributed.signals import enable_stack_dumps
 from pipeline.distributed.world import World, omp_threads
 from pipeline.logs import setup_logging
 from pipeline.train.checkpointing import init_source
@@ -112,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
     # First, so that a stop signal during the (slow) start-up is honoured, not fatal.
     stop = StopRequests()
     stop.install()
+    enable_stack_dumps()
     try:
         world = World.from_env()
     except ValueError as error:  # the launcher's and SLURM's variables disagree

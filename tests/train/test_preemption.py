@@ -24,12 +24,14 @@ from trainrun import (
     _env,
     base_overrides,
     checkpoints,
+    dump_stacks,
     explain,
     free_port,
     metrics,
     run,
 )
 
+from pipeline.distributed.signals import STACK_DUMP_SIGNAL
 from pipeline.train.checkpointing import latest_checkpoint
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, ignore_stop_signals
 
@@ -69,6 +71,47 @@ def test_loader_workers_ignore_stop_signals():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_sigusr2_prints_every_threads_stack_and_the_process_goes_on(tmp_path):
+    """In a rank blocked where no timeout reaches, and in its forked worker."""
+    script = """
+import os, threading, time
+from pipeline.distributed.signals import enable_stack_dumps
+enable_stack_dumps()
+def blocked_in_a_lock():
+    lock = threading.Lock(); lock.acquire(); lock.acquire(timeout=3)
+if os.fork() == 0:
+    time.sleep(3); os._exit(0)
+print("ready", flush=True)
+blocked_in_a_lock()
+print("went on", flush=True)
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "ready\n"
+    time.sleep(0.5)
+    for pid in [process.pid, *(c.pid for c in psutil.Process(process.pid).children())]:
+        os.kill(pid, STACK_DUMP_SIGNAL)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and out == "went on\n", err
+    assert err.count("most recent call first") == 2, err  # the rank's and the worker's dumps
+    assert "in blocked_in_a_lock" in err, err
+
+
+def test_a_command_past_its_time_limit_is_killed_with_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    with pytest.raises(AssertionError, match="still running after 1 s"):
+        run(["bash", "-c", script], timeout=1)
+    grandchild = int(pid_file.read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie"
+
+
 class Job:
     """`launch/train.sh` with 2 CPU ranks in a session of its own."""
 
@@ -93,7 +136,7 @@ class Job:
             if path.exists() and max(metrics(self.output), default=0) >= step:
                 return
             time.sleep(0.2)
-        raise AssertionError(f"step {step} not reached:\n{self.text()}")
+        raise AssertionError(self.hung(f"step {step} not reached in {timeout} s"))
 
     def wait_for_text(self, text: str, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -102,7 +145,7 @@ class Job:
             if text in self.text():
                 return
             time.sleep(0.2)
-        raise AssertionError(f"{text!r} not in the log:\n{self.text()}")
+        raise AssertionError(self.hung(f"{text!r} not in the log after {timeout} s"))
 
     def rank_pid(self, local_rank: int) -> int:
         for child in psutil.Process(self.process.pid).children(recursive=True):
@@ -114,8 +157,16 @@ class Job:
     def wait(self, timeout: float) -> int:
         try:
             return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(self.hung(f"still running after {timeout} s")) from None
         finally:
             self.log.flush()
+
+    def hung(self, what: str) -> str:
+        """`what`, and the log with every rank's and worker's thread stacks."""
+        dumped = dump_stacks(self.process.pid)
+        time.sleep(2)
+        return f"{what}; stacks of {dumped}:\n{self.text(chars=40000)}"
 
     def everything_exited(self) -> bool:
         try:
@@ -124,9 +175,9 @@ class Job:
             return True
         return False
 
-    def text(self) -> str:
+    def text(self, chars: int = 6000) -> str:
         self.log.flush()
-        return (self.output.parent / f"{self.output.name}.log").read_text()[-6000:]
+        return (self.output.parent / f"{self.output.name}.log").read_text()[-chars:]
 
     def close(self) -> None:
         if not self.everything_exited():

@@ -5,12 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import torch
+
+from pipeline.distributed.signals import STACK_DUMP_SIGNAL
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "launch" / "configs" / "tiny_cpu.yaml"
@@ -69,9 +74,43 @@ def _env(**extra) -> dict[str, str]:
 
 
 def run(command: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    """`command` in a session of its own: past `timeout`, the stacks of its ranks and workers,
+    then every process of it is killed (not only the launcher, which would orphan the ranks)."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        dumped = dump_stacks(process.pid)
+        time.sleep(2)
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command[:5])} ... still running after {timeout} s; the stacks of "
+            f"{dumped} end stderr\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-30000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def dump_stacks(pid: int) -> list[int]:
+    """SIGUSR2 (every thread's stack to stderr) to each rank and data-loader worker under
+    `pid`; the pids signalled."""
+    dumped = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "pipeline.train" in " ".join(child.cmdline()):
+                os.kill(child.pid, STACK_DUMP_SIGNAL)
+                dumped.append(child.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return dumped
 
 
 def deepspeed_launch(overrides: list[str], nproc: int = 2, **env) -> subprocess.CompletedProcess:
