@@ -148,7 +148,7 @@ if [ "$device" = cuda ]; then
     # No ZeRO table (2 CPU ranks) and no memory subprocesses here: they do not fit the budget;
     # tests/gpu measures activation checkpointing's memory on CUDA instead.
     part train 55 "$PYTHON" benchmarks/bench_train.py --device cuda --precision bf16 \
-        --skip-zero --skip-memory --repeats 5 --warmup 2 --out "$out/train.json"
+        --skip-zero --skip-memory --repeats 4 --warmup 2 --out "$out/train.json"
     # The speed switches, each against off (compiling takes most of this part's time).
     # No "all" variant: its compilation would not fit; the penalty step runs compiled blocks
     # eagerly, so it is left out too.
