@@ -20,8 +20,9 @@ STACK_DUMP_SIGNAL = signal.SIGUSR2
 def enable_stack_dumps() -> None:
     """SIGUSR2 prints every thread's stack to stderr; the process goes on. A C-level handler
     (faulthandler): it runs even while the main thread is blocked in a lock or a collective,
-    and forked data-loader workers inherit it."""
-    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
+    and forked data-loader workers inherit it. It writes to file descriptor 2 itself, which
+    exists where `sys.stderr` has been replaced by an object without one (pytest's capture)."""
+    faulthandler.register(STACK_DUMP_SIGNAL, file=2, all_threads=True, chain=False)
 
 
 def ignore_stop_signals() -> None:
