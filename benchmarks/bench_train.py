@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=2 * PENALTY_EVERY,
-        help="timed iterations per trainer (a multiple of the penalty interval, 4, for the "
-        "cycle mean)",
+        help="timed iterations per trainer (a multiple of the penalty interval, "
+        f"{PENALTY_EVERY}, for the cycle mean)",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

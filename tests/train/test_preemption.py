@@ -29,6 +29,7 @@ from trainrun import (
     free_port,
     metrics,
     run,
+    trainer_processes,
 )
 
 from pipeline.distributed.signals import STACK_DUMP_SIGNAL
@@ -159,9 +160,8 @@ class Job:
         raise AssertionError(self.hung(f"{text!r} not in the log after {timeout} s"))
 
     def rank_pid(self, local_rank: int) -> int:
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            command = " ".join(child.cmdline())
-            if "pipeline.train" in command and f"--local_rank={local_rank}" in command:
+        for child, command in trainer_processes(self.process.pid):
+            if f"--local_rank={local_rank}" in command:
                 return child.pid
         raise AssertionError(f"no rank {local_rank} among the job's processes")
 
@@ -176,7 +176,6 @@ class Job:
     def hung(self, what: str) -> str:
         """`what`, and the log with every rank's and worker's thread stacks."""
         dumped = dump_stacks(self.process.pid)
-        time.sleep(2)
         return f"{what}; stacks of {dumped}:\n{self.text(chars=40000)}"
 
     def everything_exited(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -89,8 +90,8 @@ def run(command: list[str], timeout: float = 300, **env) -> subprocess.Completed
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         dumped = dump_stacks(process.pid)
-        time.sleep(2)
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended at the deadline
+            os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         raise AssertionError(
             f"{' '.join(command[:5])} ... still running after {timeout} s; the stacks of "
@@ -99,17 +100,32 @@ def run(command: list[str], timeout: float = 300, **env) -> subprocess.Completed
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def trainer_processes(pid: int) -> list[tuple[psutil.Process, str]]:
+    """The ranks and data-loader workers (`python -m pipeline.train`) under `pid`, with their
+    command lines; none once `pid` has exited."""
+    found = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(child.cmdline())
+            if "pipeline.train" in command:
+                found.append((child, command))
+    return found
+
+
 def dump_stacks(pid: int) -> list[int]:
     """SIGUSR2 (every thread's stack to stderr) to each rank and data-loader worker under
-    `pid`; the pids signalled."""
+    `pid`, then 2 s for them to write; the pids signalled."""
     dumped = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "pipeline.train" in " ".join(child.cmdline()):
-                os.kill(child.pid, STACK_DUMP_SIGNAL)
-                dumped.append(child.pid)
-        except (psutil.Error, ProcessLookupError):
-            pass
+    for child, _ in trainer_processes(pid):
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(STACK_DUMP_SIGNAL)
+            dumped.append(child.pid)
+    if dumped:
+        time.sleep(2)
     return dumped
 
 
