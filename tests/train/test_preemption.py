@@ -99,6 +99,7 @@ print("went on", flush=True)
     time.sleep(0.5)
     for pid in [process.pid, *(c.pid for c in psutil.Process(process.pid).children())]:
         os.kill(pid, STACK_DUMP_SIGNAL)
+        time.sleep(0.5)  # one at a time: both write to the same pipe
     out, err = process.communicate(timeout=30)
     assert process.returncode == 0 and out == "went on\n", err
     assert err.count("most recent call first") == 2, err  # the rank's and the worker's dumps
