@@ -8,6 +8,7 @@ across ranks with DeepSpeed's safe_get_full_* helpers, plus the engines' step co
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -57,3 +58,6 @@ def main(out: str, config_path: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     main(arguments[0], arguments[2], arguments[3:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as pipeline.train does: gloo's threads can abort interpreter teardown
